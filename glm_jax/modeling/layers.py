@@ -1,0 +1,272 @@
+"""Building blocks of every GLM variant: linear maps, norms, rotary embeddings, attention with a
+KV cache, MLPs and the P-Tuning v2 prefix encoder.
+
+Each parameter carries logical axis names (see `glm_jax.sharding`) so that one rules table decides
+how it is laid out on a `(data, fsdp, tensor)` mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from glm_jax.config import GLMConfig
+
+Array = jnp.ndarray
+
+
+def as_dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _init(stddev: float, axes: Sequence[str]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), tuple(axes))
+
+
+class Linear(nn.Module):
+    """`y = x · W + b` contracting the last `in_dims` axes of `x` with the leading axes of `W`.
+
+    Multi-axis kernels (e.g. `[embed, heads, head_dim]`) keep the head axis visible to the sharding
+    rules. Matmuls accumulate in float32 (`preferred_element_type`): faster than bf16 output on CPU
+    and exact enough for parity.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    use_bias: bool = True
+    in_dims: int = 1
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_stddev: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[-self.in_dims:]
+        kernel = self.param(
+            "kernel", _init(self.init_stddev, self.axes), (*in_shape, *self.features), as_dtype(self.param_dtype)
+        )
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        dtype = as_dtype(self.dtype)
+        y = lax.dot_general(
+            x.astype(dtype), kernel.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:]),
+                self.features, as_dtype(self.param_dtype),
+            )
+            y = y + bias.astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm (weight + bias) or RMSNorm (weight only); statistics in float32."""
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        pdtype = as_dtype(cfg.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), pdtype)
+        h = x.astype(jnp.float32)
+        if cfg.norm_type == "layernorm":
+            h = h - jnp.mean(h, axis=-1, keepdims=True)
+        h = h * lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + cfg.norm_eps)
+        if cfg.norm_type == "rmsnorm":
+            # The official RMSNorm casts back to the input dtype before applying the weight.
+            return (scale.astype(x.dtype) * h.astype(x.dtype)).astype(as_dtype(cfg.dtype))
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (x.shape[-1],), pdtype)
+        return (h * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(as_dtype(cfg.dtype))
+
+
+# ----------------------------------------------------------------------------------------- rotary
+
+
+def rotary_dim(config: GLMConfig) -> int:
+    """Width of one rotary section of a head."""
+    return config.head_dim if config.rotary == "full" else config.head_dim // 2
+
+
+def rotary_inv_freq(config: GLMConfig) -> Array:
+    """Inverse frequencies `base^(-2j/d)`; ChatGLM-6B rounds them to float16 even in fp32 runs."""
+    dim = rotary_dim(config)
+    base = config.rope_base * config.rope_ratio
+    inv_freq = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if config.rope_fp16_inv_freq:
+        inv_freq = inv_freq.astype(jnp.float16)
+    return inv_freq
+
+
+def rotary_angles(config: GLMConfig, position_ids: Array) -> tuple[Array, Array]:
+    """cos/sin `[B, R, L, d/2]` for positions `[B, R, L]`, computed in `config.rope_dtype` as the
+    reference does (float16 there means the angle itself is rounded to float16)."""
+    rdtype = as_dtype(config.rope_dtype)
+    angles = position_ids.astype(rdtype)[..., None] * rotary_inv_freq(config).astype(rdtype)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(config: GLMConfig, x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates `x [B, L, heads, head_dim]` section by section; section r uses position row r.
+
+    "2d"/"full" pair feature j with j + d/2 (rotate-half); "half_adjacent" pairs 2j with 2j+1 and
+    leaves the second half of the head untouched.
+    """
+    dim = rotary_dim(config)
+    dtype = x.dtype
+    pieces = []
+    for row in range(cos.shape[1]):
+        part = x[..., row * dim:(row + 1) * dim]
+        c = cos[:, row, :, None, :].astype(dtype)
+        s = sin[:, row, :, None, :].astype(dtype)
+        if config.rotary == "half_adjacent":
+            pairs = part.reshape(*part.shape[:-1], dim // 2, 2)
+            even, odd = pairs[..., 0], pairs[..., 1]
+            rotated = jnp.stack([even * c - odd * s, odd * c + even * s], axis=-1).reshape(part.shape)
+        else:
+            first, second = part[..., : dim // 2], part[..., dim // 2:]
+            rotated = jnp.concatenate([first * c - second * s, second * c + first * s], axis=-1)
+        pieces.append(rotated)
+    rest = x[..., cos.shape[1] * dim:]
+    if rest.shape[-1]:
+        pieces.append(rest)
+    return jnp.concatenate(pieces, axis=-1)
+
+
+# -------------------------------------------------------------------------------------- attention
+
+
+def attention_weights_and_values(
+    config: GLMConfig, q: Array, k: Array, v: Array, allowed: Array, layer_index: Array
+) -> Array:
+    """Scaled dot-product attention with GQA, `allowed [B, 1, Lq, Lk]` (True = may attend).
+
+    "layer_scaled" reproduces ChatGLM-6B bit-for-bit in spirit: scores scaled by 1/(sqrt(d)(l+1)),
+    masked with -10000, multiplied back by (l+1) in float32, so a fully masked row becomes a uniform
+    distribution rather than NaN.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    groups = k.shape[2]
+    dtype = q.dtype
+    if config.mask_fill == "layer_scaled":
+        coeff = (layer_index + 1).astype(jnp.float32)
+        fill = -10000.0
+    else:
+        coeff = jnp.float32(1.0)
+        fill = float(jnp.finfo(jnp.float32).min)
+    q = (q.astype(jnp.float32) / (math.sqrt(head_dim) * coeff)).astype(dtype)
+    q = q.reshape(batch, q_len, groups, heads // groups, head_dim)
+    scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed[:, :, None, :, :], scores, fill) * coeff
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, heads, head_dim).astype(dtype)
+
+
+class Attention(nn.Module):
+    """Self-attention with rotary positions, optional P-Tuning v2 prefix and a decode KV cache.
+
+    With `decode=True` the keys/values of the new tokens are written into a preallocated cache
+    (`[B, max_len, kv_heads, head_dim]`, sized by the first `init`) at `cache_index`, and the query
+    attends the whole cache; the caller's mask then has `max_len` key columns.
+    """
+
+    config: GLMConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, allowed: Array, layer_index: Array,
+        prefix_kv: tuple[Array, Array] | None,
+    ) -> Array:
+        cfg = self.config
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        q = Linear((cfg.num_heads, cfg.head_dim), ("embed", "q_heads", "head_dim"), cfg.qkv_bias, name="query", **dense)(x)
+        k = Linear((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, name="key", **dense)(x)
+        v = Linear((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, name="value", **dense)(x)
+        q = apply_rotary(cfg, q, cos, sin)
+        k = apply_rotary(cfg, k, cos, sin)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        if self.decode:
+            k, v = self._update_cache(k, v)
+        if prefix_kv is not None:
+            prefix_k, prefix_v = prefix_kv
+            k = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
+            visible = jnp.ones((*allowed.shape[:3], prefix_k.shape[1]), bool)
+            allowed = jnp.concatenate([visible, allowed], axis=-1)
+        out = attention_weights_and_values(cfg, q, k, v, allowed, layer_index)
+        return Linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg.dense_bias, in_dims=2, name="dense", **dense)(out)
+
+    def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array]:
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if self.is_initializing():
+            return k, v
+        start = (0, index.value, 0, 0)
+        cached_k.value = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
+        cached_v.value = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
+        index.value = index.value + k.shape[1]
+        return cached_k.value, cached_v.value
+
+
+# -------------------------------------------------------------------------------------------- MLP
+
+
+class MLP(nn.Module):
+    """GELU MLP (ChatGLM-6B, tanh GELU) or gated SwiGLU / GeGLU (gate = `gate`, multiplied with `up`)."""
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias)
+        up = Linear((cfg.ffn_hidden_size,), ("embed", "mlp"), name="up", **dense)(x)
+        if cfg.mlp_type == "gelu":
+            hidden = jax.nn.gelu(up, approximate=True)
+        else:
+            gate = Linear((cfg.ffn_hidden_size,), ("embed", "mlp"), name="gate", **dense)(x)
+            act = jax.nn.silu(gate) if cfg.mlp_type == "swiglu" else jax.nn.gelu(gate, approximate=False)
+            hidden = act * up
+        hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return Linear((cfg.hidden_size,), ("mlp", "embed"), name="down", **dense)(hidden)
+
+
+# --------------------------------------------------------------------------------- P-Tuning v2
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2 prefix: per layer keys/values `[layers, B, P, kv_heads, head_dim]` (no rotary).
+
+    Without projection the prefix is a plain embedding of width `layers*2*kv_heads*head_dim`; with it,
+    Embedding -> Linear -> tanh -> Linear. ChatGLM-6B embeds in `hidden_size`, ChatGLM2 in the kv size.
+    """
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(self, batch: int, deterministic: bool = True) -> tuple[Array, Array]:
+        cfg = self.config
+        tokens = jnp.arange(cfg.pre_seq_len)
+        if cfg.prefix_projection:
+            width = cfg.prefix_kv_size if cfg.prefix_embed_in_kv_size else cfg.hidden_size
+            h = nn.Embed(cfg.pre_seq_len, width, param_dtype=jnp.float32, name="embedding",
+                         embedding_init=_init(1.0, (None, None)))(tokens)
+            h = jnp.tanh(Linear((cfg.hidden_size,), (None, None), name="trans_0")(h))
+            h = Linear((cfg.prefix_kv_size,), (None, None), name="trans_2")(h)
+        else:
+            h = nn.Embed(cfg.pre_seq_len, cfg.prefix_kv_size, param_dtype=jnp.float32, name="embedding",
+                         embedding_init=_init(1.0, (None, None)))(tokens)
+        h = jnp.broadcast_to(h, (batch, *h.shape))
+        h = nn.Dropout(cfg.prefix_dropout)(h, deterministic=deterministic)
+        h = h.reshape(batch, cfg.pre_seq_len, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
+        h = h.transpose(2, 3, 0, 1, 4, 5).astype(as_dtype(cfg.dtype))
+        return h[:, 0], h[:, 1]
+

@@ -1,0 +1,137 @@
+"""The GLM transformer: one block, the scanned stack, and the language model.
+
+One module serves training, prefill and decode (`decode=True` switches on the KV cache); layers
+are stacked with `nn.scan` so compile time and HLO size do not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glm_jax.config import GLMConfig
+from glm_jax.modeling.layers import MLP, Attention, Linear, Norm, PrefixEncoder, as_dtype, rotary_angles
+from glm_jax.positions import positions_and_mask
+
+Array = jnp.ndarray
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class GLMBlock(nn.Module):
+    """One transformer layer; the residual form follows `config.residual_style`."""
+
+    config: GLMConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: Array, layer_index: Array, prefix_kv: tuple[Array, Array] | None,
+        rope: tuple[Array, Array], allowed: Array,
+    ) -> tuple[Array, Array]:
+        cfg = self.config
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        normed = Norm(cfg, name="input_norm")(x)
+        attn = Attention(cfg, decode=self.decode, name="attention")(normed, *rope, allowed, layer_index, prefix_kv)
+        if cfg.residual_style == "deepnorm":
+            hidden = normed * cfg.residual_alpha + attn
+        else:
+            hidden = x + attn
+        normed = Norm(cfg, name="post_attention_norm")(hidden)
+        mlp = MLP(cfg, name="mlp")(normed)
+        out = normed * cfg.residual_alpha + mlp if cfg.residual_style == "deepnorm" else hidden + mlp
+        # The layer input is returned as a scan output so hidden states can be inspected layer by layer.
+        return out.astype(x.dtype), x
+
+
+def block_class(config: GLMConfig) -> type[nn.Module]:
+    """GLMBlock wrapped in `nn.remat` according to `config.remat_policy`."""
+    if config.remat_policy == "none":
+        return GLMBlock
+    return nn.remat(GLMBlock, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+
+
+class GLMForCausalLM(nn.Module):
+    """GLM language model: `apply({"params": p}, input_ids, position_ids, attention_mask) -> logits`.
+
+    `position_ids` is `[B, 2, L]` for 2D-position models and `[B, L]` otherwise; `attention_mask` is a
+    padding mask `[B, L]` (1 = token) or a bool `[B, 1, L, Lk]` (True = may attend). Omitted, both are
+    derived from `input_ids` as the official implementation does. In decode mode both are required
+    (the mask has one column per cache slot).
+    """
+
+    config: GLMConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        position_ids: Array | None = None,
+        attention_mask: Array | None = None,
+        *,
+        decode: bool = False,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+    ) -> Any:
+        cfg = self.config
+        batch, length = input_ids.shape
+        position_ids, allowed = self._positions_and_mask(input_ids, position_ids, attention_mask, decode)
+
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="word_embeddings",
+        )
+        x = embed(input_ids)
+        prefix_kv = PrefixEncoder(cfg, name="prefix_encoder")(batch, deterministic) if cfg.pre_seq_len else None
+
+        stack = nn.scan(
+            block_class(cfg),
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, 0, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, decode=decode, name="layers")
+        rope = rotary_angles(cfg, position_ids)
+        x, layer_inputs = stack(x, jnp.arange(cfg.num_layers), prefix_kv, rope, allowed)
+
+        x = Norm(cfg, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Linear((cfg.vocab_size,), ("embed", "vocab"), use_bias=False, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, name="output_layer")(x)
+        logits = logits.astype(as_dtype(cfg.logits_dtype))
+        if output_hidden_states:
+            return logits, jnp.concatenate([layer_inputs, x[None]], axis=0)
+        return logits
+
+    def _positions_and_mask(
+        self, input_ids: Array, position_ids: Array | None, attention_mask: Array | None, decode: bool
+    ) -> tuple[Array, Array]:
+        cfg = self.config
+        if decode and (position_ids is None or attention_mask is None or attention_mask.ndim != 4):
+            raise ValueError("decode mode needs explicit position_ids and a [B, 1, L, cache_len] attention_mask")
+        padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+        if attention_mask is not None and attention_mask.ndim not in (2, 4):
+            raise ValueError(f"attention_mask must be [B, L] or [B, 1, L, Lk], got shape {attention_mask.shape}")
+        if position_ids is None or attention_mask is None or padding is not None:
+            derived_positions, derived_mask = positions_and_mask(cfg, input_ids, padding)
+            position_ids = derived_positions if position_ids is None else position_ids
+            attention_mask = derived_mask if attention_mask is None or padding is not None else attention_mask
+        if position_ids.ndim == 2:
+            position_ids = position_ids[:, None, :]
+        if position_ids.shape[1] != cfg.num_position_rows:
+            raise ValueError(
+                f"position_ids must have {cfg.num_position_rows} row(s) per sequence for this model, "
+                f"got shape {position_ids.shape}"
+            )
+        return position_ids, attention_mask.astype(bool)

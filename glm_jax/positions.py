@@ -1,0 +1,106 @@
+"""Position ids and attention masks, derived from token ids exactly as the official GLM code does.
+
+Pure functions over arrays, shared by the model (when the caller passes nothing), the data pipelines
+and the decoding loop. Masks here are boolean with **True = may attend** (Flax convention; the
+official ChatGLM-6B code uses the complement).
+
+GLM 2D scheme (ChatGLM-6B, spec §1.5): tokens before the first `<sop>` are the bidirectional context;
+from `<sop>` on every token has position = the mask position ([gMASK] if present, else [MASK]) and
+block position 1, 2, ...; those tokens are causal and see the whole context. Padding is handled the
+way the official tokenizer does it: positions are computed on the unpadded sequence, pads get
+position 0 and are masked as queries and keys.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from glm_jax.config import GLMConfig
+
+
+def _first_index(condition: jnp.ndarray, default: jnp.ndarray | int) -> jnp.ndarray:
+    """Index of the first True along the last axis, or `default` where there is none."""
+    found = jnp.any(condition, axis=-1)
+    return jnp.where(found, jnp.argmax(condition, axis=-1), default)
+
+
+def _take(values: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    return jnp.take_along_axis(values, index[:, None], axis=-1)[:, 0]
+
+
+def glm_2d_positions_and_mask(
+    input_ids: jnp.ndarray,
+    *,
+    bos_token_id: int,
+    mask_token_id: int,
+    gmask_token_id: int,
+    padding_mask: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """GLM 2D `position_ids [B, 2, L]` and bool `mask [B, 1, L, L]` (True = may attend).
+
+    Without `padding_mask` every token counts (the official model-side default, which indexes the raw
+    sequence); with it, pads (0) are skipped as the official tokenizer's `_pad` does.
+    """
+    batch, length = input_ids.shape
+    real = jnp.ones((batch, length), bool) if padding_mask is None else padding_mask.astype(bool)
+    index = jnp.cumsum(real, axis=-1) - 1  # position of each token among the real tokens
+    token = jnp.arange(length)[None, :]
+
+    context_end = _first_index((input_ids == bos_token_id) & real, length)  # absolute index of <sop>
+    has_gmask = jnp.any((input_ids == gmask_token_id) & real, axis=-1)
+    mask_abs = jnp.where(
+        has_gmask,
+        _first_index((input_ids == gmask_token_id) & real, 0),
+        _first_index((input_ids == mask_token_id) & real, -1),
+    )
+    has_mask = mask_abs >= 0
+    in_block = token >= context_end[:, None]
+
+    mask_position = _take(index, jnp.maximum(mask_abs, 0))
+    block_start = _take(index, jnp.minimum(context_end, length - 1))
+    position = jnp.where(in_block & has_mask[:, None], mask_position[:, None], index)
+    block_position = jnp.where(in_block, index - block_start[:, None] + 1, 0)
+    position_ids = jnp.stack([position, block_position], axis=1) * real[:, None, :]
+
+    key = token[:, None, :]
+    query = jnp.arange(length)[None, :, None]
+    allowed = (key < context_end[:, None, None]) | (key <= query)
+    allowed = allowed & real[:, :, None] & real[:, None, :]
+    return position_ids.astype(jnp.int32), allowed[:, None, :, :]
+
+
+def causal_positions_and_mask(
+    input_ids: jnp.ndarray,
+    *,
+    padding_mask: jnp.ndarray | None = None,
+    unmask_pad_queries: bool = True,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """1D `position_ids [B, L]` and causal bool `mask [B, 1, L, L]` (ChatGLM2/3, GLM-4).
+
+    Pads get position 0 and are masked as keys. As in the official ChatGLM2 code, a pad *query* row is
+    unmasked completely when no prefix precedes the prompt (`unmask_pad_queries`), which keeps its
+    softmax finite; its output is never used.
+    """
+    batch, length = input_ids.shape
+    real = jnp.ones((batch, length), bool) if padding_mask is None else padding_mask.astype(bool)
+    position_ids = jnp.maximum(jnp.cumsum(real, axis=-1) - 1, 0) * real
+    causal = jnp.tril(jnp.ones((length, length), bool))[None]
+    allowed = causal & real[:, None, :]
+    if unmask_pad_queries:
+        allowed = allowed | ~real[:, :, None]
+    return position_ids.astype(jnp.int32), allowed[:, None, :, :]
+
+
+def positions_and_mask(
+    config: GLMConfig, input_ids: jnp.ndarray, padding_mask: jnp.ndarray | None = None
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Positions `[B, R, L]` (R = `config.num_position_rows`) and mask `[B, 1, L, L]` for `config`."""
+    if config.position_scheme == "glm_2d":
+        return glm_2d_positions_and_mask(
+            input_ids, bos_token_id=config.bos_token_id, mask_token_id=config.mask_token_id,
+            gmask_token_id=config.gmask_token_id, padding_mask=padding_mask,
+        )
+    positions, mask = causal_positions_and_mask(
+        input_ids, padding_mask=padding_mask, unmask_pad_queries=config.pre_seq_len == 0
+    )
+    return positions[:, None, :], mask

@@ -1,0 +1,193 @@
+"""`load_pretrained`: a model and its params from an official Hugging Face ChatGLM directory.
+
+Tensors are read one at a time and written into preallocated stacked arrays, so peak memory is
+about one copy of the model plus one tensor. Every key is checked against the family's layout
+(`glm_jax.hf_layout`): all missing, unexpected and mis-shaped keys are reported in one error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from glm_jax.config import GLMConfig, from_hf_config
+from glm_jax.hf_io import CheckpointError, iter_tensors, read_hf_config, weight_files
+from glm_jax.hf_layout import TIED_HEAD_KEY, TensorMap, ignored_keys, prefix_tensor_maps, tensor_maps
+from glm_jax.modeling.transformer import GLMForCausalLM
+from glm_jax.sharding import LogicalRules, DEFAULT_RULES, logical_shardings
+
+Params = dict[str, Any]
+
+
+def abstract_params(model: GLMForCausalLM) -> Any:
+    """Shapes/dtypes of the model's params, boxed with logical axis names, without allocating them."""
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))["params"]
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _allocate(maps: list[TensorMap], shapes: Any, dtype: np.dtype) -> Params:
+    params: Params = {}
+    for tensor_map in maps:
+        for path in tensor_map.paths:
+            try:
+                shape = _get(shapes, path).shape
+            except KeyError:
+                raise CheckpointError(f"layout maps {tensor_map.key} onto {'/'.join(path)}, which the model lacks") from None
+            try:
+                _get(params, path)
+            except KeyError:
+                _set(params, path, np.empty(shape, dtype))
+    return params
+
+
+def _check_key_sets(found: set[str], maps: list[TensorMap], optional: set[str], where: str) -> None:
+    expected = {m.key for m in maps}
+    missing = sorted(expected - found)
+    unexpected = sorted(found - expected - optional)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        raise CheckpointError(f"{where}: " + "; ".join(parts))
+
+
+def read_official_params(
+    directory: str, config: GLMConfig, shapes: Any, maps: list[TensorMap], dtype: np.dtype
+) -> Params:
+    """Reads every tensor of `maps` from `directory` into a NumPy param tree of `dtype`."""
+    by_key = {m.key: m for m in maps}
+    optional = set(ignored_keys(config)) if maps and maps[0].key == tensor_maps(config)[0].key else set()
+    files = weight_files(directory)
+    if all(keys is not None for keys in files.values()):
+        _check_key_sets({k for keys in files.values() for k in keys}, maps, optional, f"index of {directory}")
+
+    params = _allocate(maps, shapes, dtype)
+    found: set[str] = set()
+    digests: dict[str, str] = {}
+    bad_shapes: list[str] = []
+    for path in files:
+        for key, array in iter_tensors(path):
+            found.add(key)
+            if key in optional:
+                if key == TIED_HEAD_KEY or key.endswith("word_embeddings.weight"):
+                    digests[key] = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+                continue
+            if key not in by_key:
+                continue  # reported below with every other unexpected key
+            tensor_map = by_key[key]
+            if tuple(array.shape) != tensor_map.shape:
+                bad_shapes.append(f"{key}: expected {list(tensor_map.shape)}, got {list(array.shape)}")
+                continue
+            if key.endswith("word_embeddings.weight") and config.tie_word_embeddings:
+                digests[key] = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+            for leaf_path, leaf in zip(tensor_map.paths, tensor_map.split(np.asarray(array))):
+                target = _get(params, leaf_path)
+                if tensor_map.layer is None:
+                    target[...] = leaf
+                else:
+                    target[tensor_map.layer] = leaf
+    if bad_shapes:
+        raise CheckpointError(f"shape mismatch in {directory}: " + "; ".join(bad_shapes))
+    _check_key_sets(found, maps, optional, directory)
+    embed_keys = [k for k in digests if k.endswith("word_embeddings.weight")]
+    if TIED_HEAD_KEY in digests and embed_keys and digests[TIED_HEAD_KEY] != digests[embed_keys[0]]:
+        raise CheckpointError(
+            f"{directory}: {TIED_HEAD_KEY} differs from {embed_keys[0]}, but the model ties them "
+            "(set tie_word_embeddings=false in config.json for an untied head)"
+        )
+    return params
+
+
+def _place(params: Params, shardings: Any | None, dtype: np.dtype) -> Params:
+    """Moves leaves to devices one at a time, dropping each host copy right after."""
+    flat, treedef = jax.tree.flatten(params)
+    targets = jax.tree.leaves(shardings) if shardings is not None else [None] * len(flat)
+    placed = []
+    for i, sharding in enumerate(targets):
+        leaf, flat[i] = flat[i], None
+        placed.append(jax.device_put(jnp.asarray(leaf, dtype) if sharding is None else leaf.astype(dtype), sharding))
+    return jax.tree.unflatten(treedef, placed)
+
+
+def _read_prefix(prefix_dir: str, config: GLMConfig) -> tuple[GLMConfig, Params, list[TensorMap]]:
+    hf = read_hf_config(prefix_dir)
+    pre_seq_len = hf.get("pre_seq_len")
+    if not pre_seq_len:
+        raise CheckpointError(f"{prefix_dir}/config.json has no pre_seq_len: not a P-Tuning v2 checkpoint")
+    config = config.replace(pre_seq_len=int(pre_seq_len), prefix_projection=bool(hf.get("prefix_projection", False)))
+    return config, hf, prefix_tensor_maps(config)
+
+
+def load_pretrained(
+    path: str,
+    *,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    mesh: Mesh | None = None,
+    prefix: str | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+    **config_overrides: Any,
+) -> tuple[GLMForCausalLM, Params]:
+    """Model and params from an official Hugging Face ChatGLM directory.
+
+    `dtype` sets both compute and param dtype (default float32, exact for fp16 checkpoints);
+    `mesh` places every param with its logical sharding; `prefix` is a P-Tuning v2 checkpoint
+    directory whose prefix encoder is loaded on top (its `pre_seq_len`/`prefix_projection` apply).
+    """
+    if quantization is not None:
+        raise ValueError(f"quantization={quantization!r} is not supported by load_pretrained in this version")
+    dtype = dtype or "float32"
+    config = from_hf_config(read_hf_config(path), dtype=dtype, param_dtype=dtype, **config_overrides)
+    if config.quantization_bit:
+        raise CheckpointError(
+            f"{path} holds an INT{config.quantization_bit} checkpoint, which load_pretrained cannot read in this version"
+        )
+    maps = tensor_maps(config)
+    prefix_maps: list[TensorMap] = []
+    if prefix is not None:
+        config, _, prefix_maps = _read_prefix(prefix, config)
+    model = GLMForCausalLM(config)
+    abstract = abstract_params(model)
+    shapes = nn.unbox(abstract)
+    np_dtype = np.float32  # read at full precision, cast once when placing on devices
+    params = read_official_params(path, config, shapes, maps, np_dtype)
+    if prefix is not None:
+        prefix_params = read_official_params(prefix, config, shapes, prefix_maps, np_dtype)
+        params["prefix_encoder"] = prefix_params["prefix_encoder"]
+    shardings = logical_shardings(abstract, mesh, rules) if mesh is not None else None
+    params = _place(params, shardings, np.dtype(dtype))
+    if prefix is not None:
+        # The prefix encoder stays in float32, as the official recipe keeps it.
+        params["prefix_encoder"] = jax.tree.map(lambda x: x.astype(jnp.float32), params["prefix_encoder"])
+    return model, params
+
+
+def model_config_json(config: GLMConfig) -> str:
+    return json.dumps(config.to_dict(), indent=1, sort_keys=True)
+
+
+__all__ = ["load_pretrained", "read_official_params", "abstract_params", "CheckpointError", "model_config_json"]
+
+_ = os  # keep import used for future path helpers
