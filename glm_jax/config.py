@@ -276,6 +276,7 @@ def to_hf_config(config: GLMConfig) -> dict[str, Any]:
                 "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
                 "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
                 "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
             },
             "add_bias_linear": config.dense_bias, "add_qkv_bias": config.qkv_bias,
             "apply_query_key_layer_scaling": True, "apply_residual_connection_post_layernorm": False,
