@@ -8,8 +8,6 @@ about one copy of the model plus one tensor. Every key is checked against the fa
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -74,11 +72,14 @@ def _check_key_sets(found: set[str], maps: list[TensorMap], optional: set[str], 
 
 
 def read_official_params(
-    directory: str, config: GLMConfig, shapes: Any, maps: list[TensorMap], dtype: np.dtype
+    directory: str, config: GLMConfig, shapes: Any, maps: list[TensorMap], dtype: np.dtype,
+    optional: set[str] = frozenset(),
 ) -> Params:
-    """Reads every tensor of `maps` from `directory` into a NumPy param tree of `dtype`."""
+    """Reads every tensor of `maps` from `directory` into a NumPy param tree of `dtype`.
+
+    Keys in `optional` may be present (buffers, the tied head copy) and are checked, not loaded.
+    """
     by_key = {m.key: m for m in maps}
-    optional = set(ignored_keys(config)) if maps and maps[0].key == tensor_maps(config)[0].key else set()
     files = weight_files(directory)
     if all(keys is not None for keys in files.values()):
         _check_key_sets({k for keys in files.values() for k in keys}, maps, optional, f"index of {directory}")
@@ -172,7 +173,7 @@ def load_pretrained(
     abstract = abstract_params(model)
     shapes = nn.unbox(abstract)
     np_dtype = np.float32  # read at full precision, cast once when placing on devices
-    params = read_official_params(path, config, shapes, maps, np_dtype)
+    params = read_official_params(path, config, shapes, maps, np_dtype, set(ignored_keys(config)))
     if prefix is not None:
         prefix_params = read_official_params(prefix, config, shapes, prefix_maps, np_dtype)
         params["prefix_encoder"] = prefix_params["prefix_encoder"]
@@ -183,11 +184,3 @@ def load_pretrained(
         params["prefix_encoder"] = jax.tree.map(lambda x: x.astype(jnp.float32), params["prefix_encoder"])
     return model, params
 
-
-def model_config_json(config: GLMConfig) -> str:
-    return json.dumps(config.to_dict(), indent=1, sort_keys=True)
-
-
-__all__ = ["load_pretrained", "read_official_params", "abstract_params", "CheckpointError", "model_config_json"]
-
-_ = os  # keep import used for future path helpers
