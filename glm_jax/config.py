@@ -72,6 +72,8 @@ class GLMConfig:
     # Special token ids (None where a family has no such token).
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Further ids that end generation besides eos (GLM-4 stops at <|user|> and <|observation|> too).
+    extra_stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     mask_token_id: int | None = None
     gmask_token_id: int | None = None
@@ -158,6 +160,15 @@ def _chatglm2(**overrides: Any) -> GLMConfig:
     return GLMConfig(**values)
 
 
+def _glm4(**overrides: Any) -> GLMConfig:
+    values: dict[str, Any] = dict(
+        family="glm4_hf", vocab_size=151552, num_layers=40, max_sequence_length=131072, norm_eps=1.5625e-7,
+        rope_base=10000.0 * 500, eos_token_id=151329, extra_stop_token_ids=(151336, 151338), pad_token_id=151329,
+    )
+    values.update(overrides)
+    return _chatglm2(**values)
+
+
 PRESETS: dict[str, Any] = {
     "chatglm-6b": _chatglm6b,
     # Same architecture at test / benchmark sizes; special ids stay at the end of the vocabulary.
@@ -174,6 +185,11 @@ PRESETS: dict[str, Any] = {
     "chatglm2-tiny": lambda **o: _chatglm2(
         vocab_size=1536, hidden_size=128, num_layers=2, num_heads=4, head_dim=32, num_kv_heads=2,
         ffn_hidden_size=344, **o),
+    "glm-4-9b": _glm4,
+    "glm4-tiny": lambda **o: _glm4(
+        vocab_size=1536, hidden_size=128, num_layers=2, num_heads=4, head_dim=32, num_kv_heads=2,
+        ffn_hidden_size=344, max_sequence_length=2048, norm_eps=1e-5, eos_token_id=1500,
+        extra_stop_token_ids=(1501, 1502), pad_token_id=1500, **o),
 }
 
 
@@ -191,8 +207,10 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
     one of them has (`position_encoding_2d`/`inner_hidden_size` vs `multi_query_attention`/`rmsnorm`).
     """
     model_type = hf.get("model_type")
+    if model_type == "glm":
+        return _from_hf_glm4(hf, **overrides)
     if model_type != "chatglm":
-        raise ValueError(f"unsupported model_type {model_type!r} in config.json (expected 'chatglm')")
+        raise ValueError(f"unsupported model_type {model_type!r} in config.json (expected 'chatglm' or 'glm')")
     if "inner_hidden_size" in hf or "position_encoding_2d" in hf:
         return _from_hf_chatglm6b(hf, **overrides)
     if "multi_query_attention" in hf or "rmsnorm" in hf:
@@ -248,6 +266,29 @@ def _from_hf_chatglm2(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
     return _chatglm2(**values)
 
 
+def _from_hf_glm4(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
+    """The `transformers` native GLM-4 layout (`GlmForCausalLM`, model_type "glm")."""
+    _require(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    rope = hf.get("rope_parameters") or {}
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+    if partial != 0.5 or hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"GLM-4 configs need partial_rotary_factor 0.5 and silu, got {partial} / {hf.get('hidden_act')}")
+    eos = hf.get("eos_token_id", [151329, 151336, 151338])
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    heads = hf["num_attention_heads"]
+    values: dict[str, Any] = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
+        max_sequence_length=hf.get("max_position_embeddings", 131072), norm_eps=hf.get("rms_norm_eps", 1.5625e-7),
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), qkv_bias=bool(hf.get("attention_bias", True)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), eos_token_id=eos[0],
+        extra_stop_token_ids=tuple(eos[1:]), pad_token_id=hf.get("pad_token_id", 151329),
+    )
+    values.update(overrides)
+    return _glm4(**values)
+
+
 def to_hf_config(config: GLMConfig) -> dict[str, Any]:
     """The official `config.json` dict for `config` (inverse of `from_hf_config`)."""
     if config.family == "chatglm":
@@ -292,6 +333,18 @@ def to_hf_config(config: GLMConfig) -> dict[str, Any]:
         }
         if config.rope_ratio != 1.0:
             hf["rope_ratio"] = config.rope_ratio
+    elif config.family == "glm4_hf":
+        hf = {
+            "architectures": ["GlmForCausalLM"], "model_type": "glm", "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size, "intermediate_size": config.ffn_hidden_size,
+            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": config.max_sequence_length, "rms_norm_eps": config.norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base, "partial_rotary_factor": 0.5},
+            "attention_bias": config.qkv_bias, "tie_word_embeddings": config.tie_word_embeddings,
+            "pad_token_id": config.pad_token_id,
+            "eos_token_id": [config.eos_token_id, *config.extra_stop_token_ids], "torch_dtype": "bfloat16",
+        }
     else:
         raise ValueError(f"no Hugging Face config writer for family {config.family!r}")
     if config.pre_seq_len:

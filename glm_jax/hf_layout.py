@@ -148,7 +148,41 @@ def _chatglm2(cfg: GLMConfig) -> list[TensorMap]:
     return maps
 
 
-_TABLES = {"chatglm": _chatglm6b, "chatglm2": _chatglm2}
+def _projection(cfg: GLMConfig, key: str, heads: int, name: str, layer: int, bias: bool) -> TensorMap:
+    """A separate q/k/v projection `[heads*head_dim, hidden]` (transformers' native GLM-4 layout)."""
+    d, h = cfg.head_dim, cfg.hidden_size
+    if bias:
+        return TensorMap(key, (heads * d,), (("layers", "attention", name, "bias"),),
+                         lambda b: (b.reshape(heads, d),), lambda b: b.reshape(-1), layer)
+    return TensorMap(key, (heads * d, h), (("layers", "attention", name, "kernel"),),
+                     lambda w: (w.reshape(heads, d, h).transpose(2, 0, 1),),
+                     lambda k: k.transpose(1, 2, 0).reshape(heads * d, h), layer)
+
+
+def _glm4_hf(cfg: GLMConfig) -> list[TensorMap]:
+    h, v = cfg.hidden_size, cfg.vocab_size
+    maps = [TensorMap("model.embed_tokens.weight", (v, h), (("word_embeddings", "embedding"),), lambda w: (w,), lambda e: e)]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        maps.append(_vector(f"{p}.input_layernorm.weight", h, ("layers", "input_norm", "scale"), i))
+        for name, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads), ("v", cfg.num_kv_heads)):
+            leaf = {"q": "query", "k": "key", "v": "value"}[name]
+            maps.append(_projection(cfg, f"{p}.self_attn.{name}_proj.weight", heads, leaf, i, bias=False))
+            if cfg.qkv_bias:
+                maps.append(_projection(cfg, f"{p}.self_attn.{name}_proj.bias", heads, leaf, i, bias=True))
+        maps += [
+            _attention_dense(cfg, f"{p}.self_attn.o_proj.weight", i),
+            _vector(f"{p}.post_attention_layernorm.weight", h, ("layers", "post_attention_norm", "scale"), i),
+            _gated_up(cfg, f"{p}.mlp.gate_up_proj.weight", i, gate_first=True, bias=False),
+            _linear(f"{p}.mlp.down_proj.weight", h, cfg.ffn_hidden_size, ("layers", "mlp", "down", "kernel"), i),
+        ]
+    maps.append(_vector("model.norm.weight", h, ("final_norm", "scale"), None))
+    if not cfg.tie_word_embeddings:
+        maps.append(_linear("lm_head.weight", v, h, ("output_layer", "kernel"), None))
+    return maps
+
+
+_TABLES = {"chatglm": _chatglm6b, "chatglm2": _chatglm2, "glm4_hf": _glm4_hf}
 
 # Official keys that carry no parameters: rotary buffers (recomputed), and ChatGLM-6B's `lm_head`,
 # which the official model ties to the embedding (checked, then dropped).
@@ -168,6 +202,8 @@ def ignored_keys(config: GLMConfig) -> list[str]:
     if config.family == "chatglm":
         keys = [f"transformer.layers.{i}.attention.rotary_emb.inv_freq" for i in range(config.num_layers)]
         return keys + ([TIED_HEAD_KEY] if config.tie_word_embeddings else [])
+    if config.family == "glm4_hf":
+        return [TIED_HEAD_KEY] if config.tie_word_embeddings else []
     return ["transformer.rotary_pos_emb.inv_freq"]
 
 
