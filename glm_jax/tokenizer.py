@@ -13,6 +13,7 @@ prompt, no whitespace rewrite); they would be a separate class, not options of t
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,9 @@ def blank_piece(n: int) -> str:
     """The piece that stands for a run of ``n`` spaces (2 <= n <= 80)."""
     return f"<|blank_{n}|>"
 
+
+# The control pieces of the real vocabulary, in their real order (130000 ... 130007).
+CONTROL_PIECES = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
 
 # Pieces the tokenizer relies on; a model lacking one would silently tokenize differently.
 _SPECIAL_PIECES = ("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<pad>")
@@ -202,3 +206,50 @@ class ChatGLMTokenizer:
         if not 0 <= i < self.vocab_size:
             raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
         return self._sp.IdToPiece(i)
+
+
+def train_chatglm_sentencepiece(
+    texts: Iterable[str], vocab_size: int, model_file: str | os.PathLike[str] | None = None
+) -> bytes:
+    """Trains a small BPE SentencePiece model laid out like ChatGLM-6B's ``ice_text.model``.
+
+    Piece order: ``<unk> <s> </s> <pad> <n>`` | text pieces | ``[MASK] [gMASK] [sMASK] <unused_0>
+    <sop> <eop> <ENC> <dBLOCK>`` | ``<|tab|> <|blank_2|> ... <|blank_80|>`` | ``<0x00> ... <0xFF>``,
+    so special ids keep their real offsets relative to each other and ``<pad>`` = 3, ``<n>`` = 4.
+    ``[MASK]`` ... ``<dBLOCK>`` are control pieces (never matched in text); ``<n>``, ``<|tab|>`` and the
+    blanks are user-defined pieces (produced by :func:`preprocess`). ``vocab_size`` counts all pieces
+    (349 of them are special or byte pieces) and is a soft limit. Returns the serialized model and
+    writes it to ``model_file`` when given (via a temporary file, then renamed).
+    """
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2  # needs protobuf
+
+    whitespace = [TAB_PIECE] + [blank_piece(n) for n in range(2, MAX_BLANK_LENGTH + 1)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([preprocess(t) for t in texts]), model_writer=buf, model_type="bpe",
+        vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(CONTROL_PIECES),
+        user_defined_symbols=[NEWLINE_PIECE] + whitespace, minloglevel=2,
+    )
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    by_name = {p.piece: p for p in proto.pieces}
+    kinds = sp_pb2.ModelProto.SentencePiece
+    head = [by_name[n] for n in ("<unk>", "<s>", "</s>", "<pad>", NEWLINE_PIECE)]
+    text = [p for p in proto.pieces if p.type == kinds.NORMAL]
+    tail = [by_name[n] for n in list(CONTROL_PIECES) + whitespace]
+    byte_pieces = [p for p in proto.pieces if p.type == kinds.BYTE]
+    ordered = sp_pb2.ModelProto()
+    ordered.CopyFrom(proto)
+    del ordered.pieces[:]
+    ordered.pieces.extend(head + text + tail + byte_pieces)
+    if len(ordered.pieces) != len(proto.pieces):
+        raise RuntimeError("SentencePiece produced pieces of an unexpected type; the id layout would be wrong")
+    data = ordered.SerializeToString()
+    if model_file is not None:
+        path = os.fspath(model_file)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return data

@@ -16,19 +16,16 @@ real model (file or directory), the spec's exact test vectors are checked as wel
 
 from __future__ import annotations
 
-import io
 import os
 import random
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from glm_jax.tokenizer import ChatGLMTokenizer, blank_piece, preprocess
+from glm_jax.tokenizer import ChatGLMTokenizer, blank_piece, preprocess, train_chatglm_sentencepiece
 
 SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
-WHITESPACE = ["<|tab|>"] + [blank_piece(n) for n in range(2, 81)]
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog.
@@ -63,38 +60,17 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 and 2023.
 
 
 def _train_model_proto(drop: str | None = None) -> bytes:
-    """Train a tiny BPE model and reorder its pieces into the real id layout."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines()),
-        model_writer=buf,
-        model_type="bpe",
-        vocab_size=600,  # 349 special/byte pieces + ~160 characters + merges
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        control_symbols=SPECIALS,
-        user_defined_symbols=["<n>"] + WHITESPACE,
-        minloglevel=2,
-    )
+    """The tiny model in the real id layout, optionally without the piece `drop`."""
+    data = train_chatglm_sentencepiece(CORPUS.splitlines(), vocab_size=600)  # 349 special/byte pieces
+    if drop is None:
+        return data
     proto = sp_pb2.ModelProto()
-    proto.ParseFromString(buf.getvalue())
-    by_name = {p.piece: p for p in proto.pieces}
-    head = [by_name[n] for n in ("<unk>", "<s>", "</s>", "<pad>", "<n>")]
-    text = [p for p in proto.pieces if p.type == sp_pb2.ModelProto.SentencePiece.NORMAL]
-    tail = [by_name[n] for n in SPECIALS + WHITESPACE]
-    byte_pieces = [p for p in proto.pieces if p.type == sp_pb2.ModelProto.SentencePiece.BYTE]
-    order = [p for p in head + text + tail + byte_pieces if p.piece != drop]
-    assert drop is not None or len(order) == len(proto.pieces)
-    reordered = sp_pb2.ModelProto()
-    reordered.CopyFrom(proto)
-    del reordered.pieces[:]
-    reordered.pieces.extend(order)  # copies from `proto`
-    return reordered.SerializeToString()
+    proto.ParseFromString(data)
+    kept = [p for p in proto.pieces if p.piece != drop]
+    assert len(kept) == len(proto.pieces) - 1
+    del proto.pieces[:]
+    proto.pieces.extend(kept)
+    return proto.SerializeToString()
 
 
 @pytest.fixture(scope="session")

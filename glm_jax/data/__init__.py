@@ -1,0 +1,1 @@
+"""Data pipelines: GLM blank infilling (`blank_infilling`) and document sources / packing (`sources`)."""
