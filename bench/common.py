@@ -1,0 +1,126 @@
+"""Helpers shared by the benchmarks: timing, hardware rooflines, machine facts, RESULTS.md.
+
+Absolute times mean little on a shared machine; every bench therefore reports ratios to a reference
+measured in the same run and to the rooflines measured here (memory bandwidth, peak matmul rate),
+each the best of several tries so that other load on the machine biases them as little as possible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+RESULTS_FILE = os.path.join(BENCH_DIR, "RESULTS.md")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call of a timed function: the best (least disturbed) and the median of `times`."""
+
+    best: float
+    median: float
+    times: tuple[float, ...]
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Timing:
+    """Times `fn()` (its result blocked on with `jax.block_until_ready`) after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return Timing(min(times), statistics.median(times), tuple(times))
+
+
+def memory_bandwidth_gbps(megabytes: int = 512, repeats: int = 10) -> float:
+    """Read bandwidth in GB/s: a jitted sum over a float32 array far larger than the caches."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = time_calls(lambda: total(x), warmup=2, repeats=repeats).best
+    return x.nbytes / seconds / 1e9
+
+
+def peak_matmul_flops(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> float:
+    """Best FLOP/s of a jitted `size`^3 matmul; "bfloat16" means bf16 inputs with float32 accumulation
+    (`preferred_element_type`), the way the model computes."""
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (size, size), jnp.float32).astype(dtype)
+    b = jax.random.normal(key_b, (size, size), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    seconds = time_calls(lambda: matmul(a, b), warmup=2, repeats=repeats).best
+    return 2 * size**3 / seconds
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB.
+
+    Linux's VmHWM where available: `ru_maxrss` of an exec'd child also counts the parent's memory
+    at fork, which would blur the figures of the reference subprocess.
+    """
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+    """One line: CPU model, usable cores, memory, JAX version and devices, load average now."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    devices = jax.devices()
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{_cpu_model()}, {cores} cores, {memory_gib:.0f} GiB; jax {jax.__version__} on "
+            f"{len(devices)} {devices[0].platform} device(s); load average {load}")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows (dicts with the same keys, in column order) as a markdown table."""
+    if not rows:
+        return "(no rows)\n"
+    columns = list(rows[0])
+    cell = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def append_results(section_title: str, command: str, table_rows: Sequence[dict[str, Any]],
+                   notes: Sequence[str] = (), path: str = RESULTS_FILE) -> str:
+    """Appends a dated section (machine, command, table, notes) to RESULTS.md; returns its text."""
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    text = (f"\n## {section_title} — {now}\n\n"
+            f"- Machine: {machine_description()}\n"
+            f"- Command: `{command}`\n"
+            + "".join(f"- {note}\n" for note in notes)
+            + "\n" + markdown_table(table_rows))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+    return text
