@@ -119,7 +119,7 @@ def make_train_step(
         )
         metrics = {
             "loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm,
-            "learning_rate": schedule(accepted), "tokens": count, "skipped": (~ok).astype(jnp.int32),
+            "learning_rate": schedule(accepted), "scored_tokens": count, "skipped": (~ok).astype(jnp.int32),
         }
         return new_state, metrics
 
