@@ -20,5 +20,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m glm_jax.demo
 
+# `make bench REFERENCE_CODE=DIR` (DIR: the official ChatGLM-6B remote code) also times the official
+# PyTorch model, in .venv-ref (created on first use); without it only the JAX side is measured.
+REFERENCE_CODE ?=
 bench: $(STAMP)
-	$(PY) bench/forward.py
+	$(if $(REFERENCE_CODE),bash bench/reference_env.sh)
+	$(PY) bench/forward.py $(if $(REFERENCE_CODE),--reference_code=$(REFERENCE_CODE))
