@@ -104,3 +104,17 @@ def positions_and_mask(
         input_ids, padding_mask=padding_mask, unmask_pad_queries=config.pre_seq_len == 0
     )
     return positions[:, None, :], mask
+
+
+def next_position_ids(config: GLMConfig, last_position_ids: jnp.ndarray) -> jnp.ndarray:
+    """Positions `[B, R]` of the token fed right after the one at `last_position_ids` (spec §1.5.3).
+
+    GLM 2D: the position stays at the mask position and the block position counts up (what the
+    official `generate` does by copying the last column and incrementing row 1). Causal: the
+    position counts up.
+    """
+    if config.position_scheme == "glm_2d":
+        return last_position_ids.at[:, 1].add(1)
+    if config.position_scheme == "causal":
+        return last_position_ids + 1
+    raise ValueError(f"no decode position rule for position_scheme {config.position_scheme!r}")

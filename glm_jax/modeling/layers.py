@@ -210,8 +210,11 @@ class Attention(nn.Module):
         if self.is_initializing():
             return k, v
         start = (0, index.value, 0, 0)
-        cached_k.value = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
-        cached_v.value = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
+        # Logical names let a mesh shard the cache like the activations (batch / kv heads).
+        axes = ("cache_batch", "cache_sequence", "cache_heads", "cache_head_dim")
+        for cached, new in ((cached_k, k), (cached_v, v)):
+            updated = lax.dynamic_update_slice(cached.value, new.astype(cached.value.dtype), start)
+            cached.value = nn.with_logical_constraint(updated, axes)
         index.value = index.value + k.shape[1]
         return cached_k.value, cached_v.value
 

@@ -1,0 +1,98 @@
+"""glm-chat: streaming terminal chat with a ChatGLM-6B checkpoint.
+
+    glm-chat --model=DIR                      # interactive
+    printf '你好\\n晚上睡不着怎么办\\n' | glm-chat --model=DIR --nodo_sample
+
+Each line read from stdin is one user turn; the answer is printed as it is generated. Type `clear`
+to forget the history and `stop` (or `quit`, or end the input) to leave. Works the same on a
+terminal and under a pipe: prompts and banners are shown only on a terminal; each answer goes to
+stdout after `ChatGLM：` and ends with a newline.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from glm_jax.chat import DEFAULT_RESERVE_TOKENS, DEFAULT_SETTINGS, stream_chat
+from glm_jax.cli import (
+    define_model_flags, define_sampling_flags, enable_compilation_cache, load_model_and_tokenizer, quiet_backend_probing,
+    sampling_settings,
+)
+from glm_jax.generation import PROGRAMS
+from glm_jax.hf_io import CheckpointError
+
+define_model_flags()
+define_sampling_flags(
+    do_sample=DEFAULT_SETTINGS["do_sample"], temperature=DEFAULT_SETTINGS["temperature"],
+    top_p=DEFAULT_SETTINGS["top_p"], top_k=DEFAULT_SETTINGS["top_k"],
+)
+flags.DEFINE_integer("max_length", DEFAULT_SETTINGS["max_length"], "Most tokens of history + question + answer.")
+flags.DEFINE_integer("reserve_tokens", DEFAULT_RESERVE_TOKENS, "Room kept for the answer; older rounds are dropped to keep it.")
+FLAGS = flags.FLAGS
+
+CLEAR_COMMANDS = ("clear",)
+QUIT_COMMANDS = ("stop", "quit")
+
+
+def _read_turns(interactive: bool):
+    """User lines (stripped, non-empty) until end of input."""
+    while True:
+        try:
+            line = input("\n用户：") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def _run() -> None:
+    settings = sampling_settings(FLAGS)
+    quiet_backend_probing()
+    enable_compilation_cache(FLAGS.compilation_cache_dir)
+    model, params, tokenizer = load_model_and_tokenizer(FLAGS)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"ChatGLM ({FLAGS.model}). '{CLEAR_COMMANDS[0]}' clears the history, '{QUIT_COMMANDS[0]}' quits.")
+    history: list[tuple[str, str]] = []
+    for query in _read_turns(interactive):
+        if query in QUIT_COMMANDS:
+            return
+        if query in CLEAR_COMMANDS:
+            history = []
+            if interactive:
+                print("(history cleared)")
+            continue
+        compiled_before = PROGRAMS.compile_seconds
+        print("ChatGLM：", end="", flush=True)
+        for piece, history in stream_chat(
+            model, params, tokenizer, query, history, max_length=FLAGS.max_length,
+            reserve_tokens=FLAGS.reserve_tokens, **settings,
+        ):
+            print(piece, end="", flush=True)
+        print(flush=True)
+        compiled = PROGRAMS.compile_seconds - compiled_before
+        if compiled:
+            print(f"(compiled in {compiled:.2f} s)", file=sys.stderr)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        _run()
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        sys.exit(f"glm-chat: {e}")
+    except KeyboardInterrupt:
+        print()
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
