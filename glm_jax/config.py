@@ -23,17 +23,25 @@ MLPType = Literal["gelu", "swiglu", "geglu"]
 # "half_adjacent": one rotary section over the first head_dim/2 dims, adjacent pairs (2j, 2j+1), the
 #       rest passes through (ChatGLM2/3, GLM-4).
 # "full": one rotate-half section over the whole head (GLM-130B).
-RotaryKind = Literal["2d", "half_adjacent", "full"]
+# "none": no rotary embedding (the original GLM adds learned position embeddings instead).
+RotaryKind = Literal["2d", "half_adjacent", "full", "none"]
+# Learned absolute position embeddings added to the word embeddings: "none" (every rotary model) or
+# "learned_2d": a position table and a block position table of max_sequence_length + 1 rows each,
+# indexed by the two rows of `position_ids` (original GLM, spec 4.3).
+PositionEmbedding = Literal["none", "learned_2d"]
 # How fused checkpoint QKV rows are ordered: per head [q_h, k_h, v_h] (ChatGLM-6B, GLM-130B) or in
 # blocks [Q | K | V] (ChatGLM2, GLM-4). Only the converters read this; the model keeps q/k/v separate.
 QKVLayout = Literal["per_head", "blocks"]
 # "glm_2d": prefix-LM positions/mask of ChatGLM-6B (context bidirectional, [sop] onward causal).
 # "causal": 1D positions and a causal mask (ChatGLM2/3, GLM-4).
-PositionScheme = Literal["glm_2d", "causal"]
+# "glm130b": 1D positions, context before <sop> bidirectional; with [MASK]/[sMASK] the positions from
+#       <sop> on are reset to the mask position, with [gMASK] they simply continue (GLM-130B, spec 3.1).
+PositionScheme = Literal["glm_2d", "causal", "glm130b"]
 # "layer_scaled": scores scaled by 1/(layer+1) before masking, masked with -10000, rescaled in fp32
 #       (ChatGLM-6B: masked logits end at -10000*(layer+1), fully masked rows become uniform).
 # "standard": masked with the most negative finite float (ChatGLM2 SDPA path).
-MaskFill = Literal["layer_scaled", "standard"]
+# "fp16_min": masked scores become -65504, no layer scaling (original GLM: score*mask - 65504*(1-mask)).
+MaskFill = Literal["layer_scaled", "standard", "fp16_min"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -62,6 +70,7 @@ class GLMConfig:
     dense_bias: bool = True
     mlp_bias: bool = True
     rotary: RotaryKind = "2d"
+    position_embedding: PositionEmbedding = "none"
     rope_base: float = 10000.0
     rope_ratio: float = 1.0
     rope_fp16_inv_freq: bool = True
@@ -77,6 +86,7 @@ class GLMConfig:
     pad_token_id: int | None = None
     mask_token_id: int | None = None
     gmask_token_id: int | None = None
+    smask_token_id: int | None = None
     # P-Tuning v2.
     pre_seq_len: int = 0
     prefix_projection: bool = False
@@ -105,13 +115,17 @@ class GLMConfig:
             problems.append(f"quantization_bit must be 0, 4 or 8, got {self.quantization_bit}")
         if self.position_scheme == "glm_2d" and None in (self.bos_token_id, self.mask_token_id, self.gmask_token_id):
             problems.append("position_scheme 'glm_2d' needs bos_token_id, mask_token_id and gmask_token_id")
+        if self.position_scheme == "glm130b" and None in (self.bos_token_id, self.mask_token_id):
+            problems.append("position_scheme 'glm130b' needs bos_token_id and mask_token_id")
+        if self.position_embedding != "none" and self.rotary != "none":
+            problems.append(f"learned position embeddings exclude rotary embeddings, got rotary={self.rotary!r}")
         if problems:
             raise ValueError("invalid GLMConfig: " + "; ".join(problems))
 
     @property
     def num_position_rows(self) -> int:
         """Rows of `position_ids`: 2 for GLM 2D positions (position, block position), else 1."""
-        return 2 if self.rotary == "2d" else 1
+        return 2 if self.rotary == "2d" or self.position_embedding == "learned_2d" else 1
 
     @property
     def gated_mlp(self) -> bool:
@@ -169,6 +183,34 @@ def _glm4(**overrides: Any) -> GLMConfig:
     return _chatglm2(**values)
 
 
+def _glm130b(**overrides: Any) -> GLMConfig:
+    """GLM-130B (spec 3.1). inv_freq is rounded to float16 as in the fp16 model that the official code
+    runs (the rotary buffer is converted by `.half()`)."""
+    values: dict[str, Any] = dict(
+        family="glm130b", vocab_size=150528, hidden_size=12288, num_layers=70, num_heads=96, head_dim=128,
+        num_kv_heads=96, ffn_hidden_size=32768, residual_alpha=math.sqrt(2.0 * 70), mlp_type="geglu",
+        rotary="full", position_scheme="glm130b", bos_token_id=150004, eos_token_id=150005,
+        extra_stop_token_ids=(20002,), pad_token_id=0, mask_token_id=150000, gmask_token_id=150001,
+        smask_token_id=150002,
+    )
+    values.update(overrides)
+    return GLMConfig(**values)
+
+
+def _glm_original(**overrides: Any) -> GLMConfig:
+    """The original GLM (spec 4.3): pre-LN, learned position + block position embeddings, [Q|K|V] blocks,
+    tanh-GELU MLP, tied head, -65504 masking. Special ids of GLM-Large (BERT word pieces + block symbols)."""
+    values: dict[str, Any] = dict(
+        family="glm", vocab_size=30592, hidden_size=1024, num_layers=24, num_heads=16, head_dim=64, num_kv_heads=16,
+        ffn_hidden_size=4096, max_sequence_length=512, residual_style="pre_norm", residual_alpha=1.0,
+        qkv_layout="blocks", rotary="none", position_embedding="learned_2d", mask_fill="fp16_min",
+        bos_token_id=30522, eos_token_id=30523, pad_token_id=0, mask_token_id=103, gmask_token_id=30524,
+        smask_token_id=30525,
+    )
+    values.update(overrides)
+    return GLMConfig(**values)
+
+
 PRESETS: dict[str, Any] = {
     "chatglm-6b": _chatglm6b,
     # Same architecture at test / benchmark sizes; special ids stay at the end of the vocabulary.
@@ -190,6 +232,22 @@ PRESETS: dict[str, Any] = {
         vocab_size=1536, hidden_size=128, num_layers=2, num_heads=4, head_dim=32, num_kv_heads=2,
         ffn_hidden_size=344, max_sequence_length=2048, norm_eps=1e-5, eos_token_id=1500,
         extra_stop_token_ids=(1501, 1502), pad_token_id=1500, **o),
+    "glm-130b": _glm130b,
+    # Every size divides 8 ways, as the 8-way tensor-parallel SAT checkpoint needs.
+    "glm130b-tiny": lambda **o: _glm130b(
+        vocab_size=1024, hidden_size=64, num_layers=2, num_heads=8, head_dim=8, num_kv_heads=8, ffn_hidden_size=128,
+        residual_alpha=math.sqrt(2.0 * 2), bos_token_id=1004, eos_token_id=1005, extra_stop_token_ids=(1006,),
+        mask_token_id=1000, gmask_token_id=1001, smask_token_id=1002, **o),
+    "glm-large": _glm_original,
+    # GLM-10B (English, GPT-2 BPE + block symbols and task masks).
+    "glm-10b": lambda **o: _glm_original(
+        vocab_size=50304, hidden_size=4096, num_layers=48, num_heads=64, head_dim=64, num_kv_heads=64,
+        ffn_hidden_size=16384, max_sequence_length=1024, bos_token_id=50257, eos_token_id=50258, pad_token_id=50256,
+        mask_token_id=50260, gmask_token_id=50263, smask_token_id=50264, **o),
+    "glm-tiny": lambda **o: _glm_original(
+        vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, num_kv_heads=4, ffn_hidden_size=256,
+        max_sequence_length=64, bos_token_id=1004, eos_token_id=1005, pad_token_id=0, mask_token_id=1000,
+        gmask_token_id=1001, smask_token_id=1002, **o),
 }
 
 
@@ -207,6 +265,8 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
     one of them has (`position_encoding_2d`/`inner_hidden_size` vs `multi_query_attention`/`rmsnorm`).
     """
     model_type = hf.get("model_type")
+    if model_type == "glm" and "num_layers" in hf and "num_hidden_layers" not in hf:
+        return _from_hf_glm_original(hf, **overrides)
     if model_type == "glm":
         return _from_hf_glm4(hf, **overrides)
     if model_type != "chatglm":
@@ -289,6 +349,39 @@ def _from_hf_glm4(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
     return _glm4(**values)
 
 
+# Special ids of the original GLM's tokenizers (word pieces / BPE + block symbols + task masks), by
+# vocabulary size: the Hugging Face `glm-*` config.json does not carry them.
+_GLM_ORIGINAL_SPECIAL_IDS = {
+    30592: dict(bos_token_id=30522, eos_token_id=30523, pad_token_id=0, mask_token_id=103, gmask_token_id=30524,
+                smask_token_id=30525),
+    50304: dict(bos_token_id=50257, eos_token_id=50258, pad_token_id=50256, mask_token_id=50260,
+                gmask_token_id=50263, smask_token_id=50264),
+}
+
+
+def _from_hf_glm_original(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
+    """The original GLM's remote-code config (`THUDM/glm-large`, `glm-10b`, ...; model_type "glm")."""
+    _require(hf, "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "max_sequence_length")
+    if not hf.get("block_position_encoding", True) or hf.get("relative_encoding", False):
+        raise ValueError("original GLM configs need block_position_encoding=true and relative_encoding=false")
+    if hf.get("attention_scale", 1.0) != 1.0:
+        raise ValueError(f"original GLM configs with attention_scale={hf['attention_scale']} are not supported")
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    values: dict[str, Any] = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_layers"], num_heads=heads,
+        head_dim=hidden // heads, num_kv_heads=heads, ffn_hidden_size=4 * hidden,
+        max_sequence_length=hf["max_sequence_length"], norm_eps=hf.get("layernorm_epsilon", 1e-5),
+    )
+    values.update(_GLM_ORIGINAL_SPECIAL_IDS.get(hf["vocab_size"], {}))
+    values.update(overrides)
+    if "bos_token_id" not in values:
+        raise ValueError(
+            f"no known special ids for an original GLM with vocab_size {hf['vocab_size']}: pass bos_token_id, "
+            "eos_token_id, pad_token_id, mask_token_id, gmask_token_id and smask_token_id"
+        )
+    return _glm_original(**values)
+
+
 def to_hf_config(config: GLMConfig) -> dict[str, Any]:
     """The official `config.json` dict for `config` (inverse of `from_hf_config`)."""
     if config.family == "chatglm":
@@ -344,6 +437,23 @@ def to_hf_config(config: GLMConfig) -> dict[str, Any]:
             "attention_bias": config.qkv_bias, "tie_word_embeddings": config.tie_word_embeddings,
             "pad_token_id": config.pad_token_id,
             "eos_token_id": [config.eos_token_id, *config.extra_stop_token_ids], "torch_dtype": "bfloat16",
+        }
+    elif config.family == "glm":
+        hf = {
+            "architectures": ["GLMModel"], "model_type": "glm",
+            "auto_map": {
+                "AutoConfig": "configuration_glm.GLMConfig",
+                "AutoModel": "modeling_glm.GLMModel",
+                "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration",
+                "AutoModelForMultipleChoice": "modeling_glm.GLMForMultipleChoice",
+            },
+            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
+            "num_attention_heads": config.num_heads, "max_sequence_length": config.max_sequence_length,
+            "layernorm_epsilon": config.norm_eps, "block_position_encoding": True, "relative_encoding": False,
+            "attention_scale": 1.0, "embedding_dropout_prob": 0.1, "attention_dropout_prob": 0.1,
+            "output_dropout_prob": 0.1, "checkpoint_activations": False, "checkpoint_num_layers": 1,
+            "parallel_output": True, "output_predict": True, "spell_length": None, "spell_func": "lstm",
+            "initializer_range": 0.02, "pool_token": "cls", "torch_dtype": "float32",
         }
     else:
         raise ValueError(f"no Hugging Face config writer for family {config.family!r}")

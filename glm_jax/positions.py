@@ -41,9 +41,8 @@ def glm_2d_positions_and_mask(
     Without `padding_mask` every token counts (the official model-side default, which indexes the raw
     sequence); with it, pads (0) are skipped as the official tokenizer's `_pad` does.
     """
-    batch, length = input_ids.shape
-    real = jnp.ones((batch, length), bool) if padding_mask is None else padding_mask.astype(bool)
-    index = jnp.cumsum(real, axis=-1) - 1  # position of each token among the real tokens
+    length = input_ids.shape[1]
+    real, index = _real_and_index(input_ids, padding_mask)
     token = jnp.arange(length)[None, :]
 
     context_end = _first_index((input_ids == bos_token_id) & real, length)  # absolute index of <sop>
@@ -61,12 +60,48 @@ def glm_2d_positions_and_mask(
     position = jnp.where(in_block & has_mask[:, None], mask_position[:, None], index)
     block_position = jnp.where(in_block, index - block_start[:, None] + 1, 0)
     position_ids = jnp.stack([position, block_position], axis=1) * real[:, None, :]
+    return position_ids.astype(jnp.int32), _prefix_lm_mask(context_end, real)
 
-    key = token[:, None, :]
+
+def glm130b_positions_and_mask(
+    input_ids: jnp.ndarray,
+    *,
+    bos_token_id: int,
+    mask_token_id: int,
+    smask_token_id: int | None = None,
+    padding_mask: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """GLM-130B 1D `position_ids [B, L]` and bool `mask [B, 1, L, L]` (True = may attend), spec 3.1.
+
+    The blank being filled is the first [MASK], else the first [sMASK]; from `<sop>` on every token
+    takes that mask's position. With only a [gMASK] (or no mask) positions just count on. The
+    context before `<sop>` is bidirectional as in the 2D scheme; pads are handled the same way.
+    """
+    length = input_ids.shape[1]
+    real, index = _real_and_index(input_ids, padding_mask)
+    context_end = _first_index((input_ids == bos_token_id) & real, length)
+    mask_abs = _first_index((input_ids == mask_token_id) & real, -1)
+    if smask_token_id is not None:
+        mask_abs = jnp.where(mask_abs >= 0, mask_abs, _first_index((input_ids == smask_token_id) & real, -1))
+    reset = (mask_abs >= 0)[:, None] & (jnp.arange(length)[None, :] >= context_end[:, None])
+    position = jnp.where(reset, _take(index, jnp.maximum(mask_abs, 0))[:, None], index) * real
+    return position.astype(jnp.int32), _prefix_lm_mask(context_end, real)
+
+
+def _real_and_index(input_ids: jnp.ndarray, padding_mask: jnp.ndarray | None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Which tokens are real (not padding), and each token's index among the real tokens."""
+    real = jnp.ones(input_ids.shape, bool) if padding_mask is None else padding_mask.astype(bool)
+    return real, jnp.cumsum(real, axis=-1) - 1
+
+
+def _prefix_lm_mask(context_end: jnp.ndarray, real: jnp.ndarray) -> jnp.ndarray:
+    """`[B, 1, L, L]`: query t may attend key j iff `j < context_end` or `j <= t`, both real tokens."""
+    length = real.shape[-1]
+    key = jnp.arange(length)[None, None, :]
     query = jnp.arange(length)[None, :, None]
     allowed = (key < context_end[:, None, None]) | (key <= query)
     allowed = allowed & real[:, :, None] & real[:, None, :]
-    return position_ids.astype(jnp.int32), allowed[:, None, :, :]
+    return allowed[:, None, :, :]
 
 
 def causal_positions_and_mask(
@@ -100,6 +135,12 @@ def positions_and_mask(
             input_ids, bos_token_id=config.bos_token_id, mask_token_id=config.mask_token_id,
             gmask_token_id=config.gmask_token_id, padding_mask=padding_mask,
         )
+    if config.position_scheme == "glm130b":
+        positions, mask = glm130b_positions_and_mask(
+            input_ids, bos_token_id=config.bos_token_id, mask_token_id=config.mask_token_id,
+            smask_token_id=config.smask_token_id, padding_mask=padding_mask,
+        )
+        return positions[:, None, :], mask
     positions, mask = causal_positions_and_mask(
         input_ids, padding_mask=padding_mask, unmask_pad_queries=config.pre_seq_len == 0
     )

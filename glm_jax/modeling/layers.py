@@ -89,7 +89,9 @@ class Norm(nn.Module):
 
 
 def rotary_dim(config: GLMConfig) -> int:
-    """Width of one rotary section of a head."""
+    """Width of one rotary section of a head (0 without rotary: the angle tables are then empty)."""
+    if config.rotary == "none":
+        return 0
     return config.head_dim if config.rotary == "full" else config.head_dim // 2
 
 
@@ -117,6 +119,8 @@ def apply_rotary(config: GLMConfig, x: Array, cos: Array, sin: Array) -> Array:
     "2d"/"full" pair feature j with j + d/2 (rotate-half); "half_adjacent" pairs 2j with 2j+1 and
     leaves the second half of the head untouched.
     """
+    if config.rotary == "none":
+        return x
     dim = rotary_dim(config)
     dtype = x.dtype
     pieces = []
@@ -156,6 +160,9 @@ def attention_weights_and_values(
     if config.mask_fill == "layer_scaled":
         coeff = (layer_index + 1).astype(jnp.float32)
         fill = -10000.0
+    elif config.mask_fill == "fp16_min":
+        coeff = jnp.float32(1.0)
+        fill = -65504.0
     else:
         coeff = jnp.float32(1.0)
         fill = float(jnp.finfo(jnp.float32).min)

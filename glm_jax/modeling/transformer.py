@@ -90,6 +90,8 @@ class GLMForCausalLM(nn.Module):
             name="word_embeddings",
         )
         x = embed(input_ids)
+        if cfg.position_embedding == "learned_2d":
+            x = x + self._learned_position_embeddings(position_ids)
         prefix_kv = PrefixEncoder(cfg, name="prefix_encoder")(batch, deterministic) if cfg.pre_seq_len else None
 
         stack = nn.scan(
@@ -119,6 +121,20 @@ class GLMForCausalLM(nn.Module):
         if output_hidden_states:
             return logits, jnp.concatenate([layer_inputs, x[None]], axis=0)
         return logits
+
+    def _learned_position_embeddings(self, position_ids: Array) -> Array:
+        """Original GLM: position and block position tables (max_sequence_length + 1 rows) looked up with
+        the two rows of `position_ids` and summed."""
+        cfg = self.config
+        tables = []
+        for row, name in enumerate(("position_embeddings", "block_position_embeddings")):
+            table = nn.Embed(
+                cfg.max_sequence_length + 1, cfg.hidden_size, dtype=as_dtype(cfg.dtype),
+                param_dtype=as_dtype(cfg.param_dtype),
+                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")), name=name,
+            )
+            tables.append(table(position_ids[:, row]))
+        return tables[0] + tables[1]
 
     def _positions_and_mask(
         self, input_ids: Array, position_ids: Array | None, attention_mask: Array | None, decode: bool
