@@ -350,7 +350,9 @@ def _from_hf_glm4(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
 
 
 # Special ids of the original GLM's tokenizers (word pieces / BPE + block symbols + task masks), by
-# vocabulary size: the Hugging Face `glm-*` config.json does not carry them.
+# vocabulary size: the Hugging Face `glm-*` config.json does not carry them (our writer adds them).
+_GLM_SPECIAL_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "gmask_token_id",
+                          "smask_token_id")
 _GLM_ORIGINAL_SPECIAL_IDS = {
     30592: dict(bos_token_id=30522, eos_token_id=30523, pad_token_id=0, mask_token_id=103, gmask_token_id=30524,
                 smask_token_id=30525),
@@ -373,12 +375,12 @@ def _from_hf_glm_original(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
         max_sequence_length=hf["max_sequence_length"], norm_eps=hf.get("layernorm_epsilon", 1e-5),
     )
     values.update(_GLM_ORIGINAL_SPECIAL_IDS.get(hf["vocab_size"], {}))
+    values.update({k: hf[k] for k in _GLM_SPECIAL_ID_FIELDS if hf.get(k) is not None})
     values.update(overrides)
-    if "bos_token_id" not in values:
-        raise ValueError(
-            f"no known special ids for an original GLM with vocab_size {hf['vocab_size']}: pass bos_token_id, "
-            "eos_token_id, pad_token_id, mask_token_id, gmask_token_id and smask_token_id"
-        )
+    missing = [k for k in _GLM_SPECIAL_ID_FIELDS if k not in values]
+    if missing:
+        raise ValueError(f"no known special ids for an original GLM with vocab_size {hf['vocab_size']}: "
+                         f"config.json or the caller must give {missing}")
     return _glm_original(**values)
 
 
@@ -454,6 +456,7 @@ def to_hf_config(config: GLMConfig) -> dict[str, Any]:
             "output_dropout_prob": 0.1, "checkpoint_activations": False, "checkpoint_num_layers": 1,
             "parallel_output": True, "output_predict": True, "spell_length": None, "spell_func": "lstm",
             "initializer_range": 0.02, "pool_token": "cls", "torch_dtype": "float32",
+            **{k: getattr(config, k) for k in _GLM_SPECIAL_ID_FIELDS},
         }
     else:
         raise ValueError(f"no Hugging Face config writer for family {config.family!r}")
