@@ -199,7 +199,12 @@ def eval_prompt_ids(
     """The generation prompt of the official `--do_predict`: the prompt tokenized with special tokens
     and truncated (text first) to `max_source_length`."""
     text = prompt_text(record, fmt.style, training=False, has_history_column=False, source_prefix=source_prefix)
-    ids = tokenizer.encode(text, add_special_tokens=False)[: max_source_length - 2]
+    return generation_prompt(tokenizer.encode(text, add_special_tokens=False), fmt, max_source_length)
+
+
+def generation_prompt(prompt_ids: Sequence[int], fmt: SFTFormat, max_source_length: int) -> list[int]:
+    """Text ids truncated to `max_source_length - 2` plus the family's `[gMASK]`/`<sop>` tokens."""
+    ids = list(prompt_ids[: max_source_length - 2])
     return [*ids, fmt.gmask, fmt.sop] if fmt.style == "glm" else [fmt.gmask, fmt.sop, *ids]
 
 
@@ -269,3 +274,27 @@ class SFTLoader:
         self.state = {"epoch": epoch, "position": position}
         share = self.batch_size // self.process_count
         return train_batch(rows[self.process_index * share:(self.process_index + 1) * share], self.config)
+
+
+def synthetic_instructions(
+    count: int, *, low: int, high: int, seed: int, table_seed: int = 0, tasks: int = 8, arguments: int = 12,
+) -> list[tuple[list[int], list[int]]]:
+    """Token-level (prompt, answer) pairs of a small learnable instruction set, for smoke runs and the
+    learning check: each prompt hides one task token and one argument token among random filler, and
+    the answer `[word(task), word(argument), word(task)]` is fixed by a table drawn from `table_seed`
+    (same table for every `seed`, so pairs drawn with another seed are held-out prompts of one task)."""
+    vocab = np.arange(low, high)
+    table_rng = np.random.default_rng([table_seed, 7])
+    shuffled = table_rng.permutation(vocab)
+    task_ids, argument_ids = shuffled[:tasks], shuffled[tasks:tasks + arguments]
+    task_words = shuffled[tasks + arguments:2 * tasks + arguments]
+    argument_words = shuffled[2 * tasks + arguments:2 * tasks + 2 * arguments]
+    filler = shuffled[2 * tasks + 2 * arguments:]
+    rng = np.random.default_rng([seed, 11])
+    pairs = []
+    for _ in range(count):
+        t, a = int(rng.integers(tasks)), int(rng.integers(arguments))
+        before, after = rng.choice(filler, int(rng.integers(1, 5))), rng.choice(filler, int(rng.integers(0, 3)))
+        prompt = [*before.tolist(), int(task_ids[t]), int(argument_ids[a]), *after.tolist()]
+        pairs.append((prompt, [int(task_words[t]), int(argument_words[a]), int(task_words[t])]))
+    return pairs
