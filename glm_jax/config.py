@@ -184,12 +184,12 @@ def _glm4(**overrides: Any) -> GLMConfig:
 
 
 def _glm130b(**overrides: Any) -> GLMConfig:
-    """GLM-130B (spec 3.1). inv_freq is rounded to float16 as in the fp16 model that the official code
-    runs (the rotary buffer is converted by `.half()`)."""
+    """GLM-130B (spec 3.1). The official code runs the model `.half()`: its rotary buffer, the position
+    ramp, the angles and their cos/sin are all float16, which `rope_fp16_inv_freq` / `rope_dtype` reproduce."""
     values: dict[str, Any] = dict(
         family="glm130b", vocab_size=150528, hidden_size=12288, num_layers=70, num_heads=96, head_dim=128,
         num_kv_heads=96, ffn_hidden_size=32768, residual_alpha=math.sqrt(2.0 * 70), mlp_type="geglu",
-        rotary="full", position_scheme="glm130b", bos_token_id=150004, eos_token_id=150005,
+        rotary="full", rope_dtype="float16", position_scheme="glm130b", bos_token_id=150004, eos_token_id=150005,
         extra_stop_token_ids=(20002,), pad_token_id=0, mask_token_id=150000, gmask_token_id=150001,
         smask_token_id=150002,
     )
