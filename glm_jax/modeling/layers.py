@@ -179,8 +179,9 @@ class Attention(nn.Module):
     """Self-attention with rotary positions, optional P-Tuning v2 prefix and a decode KV cache.
 
     With `decode=True` the keys/values of the new tokens are written into a preallocated cache
-    (`[B, max_len, kv_heads, head_dim]`, sized by the first `init`) at `cache_index`, and the query
-    attends the whole cache; the caller's mask then has `max_len` key columns.
+    (keys `[B, kv_heads, max_len, head_dim]`, values `[B, kv_heads, head_dim, max_len]`, sized by the
+    first `init`) at `cache_index`, and the query attends the whole cache; the caller's mask then has
+    `max_len` key columns.
     """
 
     config: GLMConfig
@@ -211,19 +212,24 @@ class Attention(nn.Module):
         return Linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg.dense_bias, in_dims=2, name="dense", **dense)(out)
 
     def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array]:
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        # Stored head-major, keys as [B, kv_heads, len, head_dim] and values as [B, kv_heads, head_dim,
+        # len]: the layouts in which the attention dots read them directly (the contracted axis
+        # last), instead of a transposed copy of the whole cache in every decode step.
+        k_stored, v_stored = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k_stored.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v_stored.shape, v.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if self.is_initializing():
             return k, v
-        start = (0, index.value, 0, 0)
         # Logical names let a mesh shard the cache like the activations (batch / kv heads).
-        axes = ("cache_batch", "cache_sequence", "cache_heads", "cache_head_dim")
-        for cached, new in ((cached_k, k), (cached_v, v)):
+        k_axes = ("cache_batch", "cache_heads", "cache_sequence", "cache_head_dim")
+        v_axes = ("cache_batch", "cache_heads", "cache_head_dim", "cache_sequence")
+        for cached, new, axes, start in ((cached_k, k_stored, k_axes, (0, 0, index.value, 0)),
+                                         (cached_v, v_stored, v_axes, (0, 0, 0, index.value))):
             updated = lax.dynamic_update_slice(cached.value, new.astype(cached.value.dtype), start)
             cached.value = nn.with_logical_constraint(updated, axes)
         index.value = index.value + k.shape[1]
-        return cached_k.value, cached_v.value
+        return cached_k.value.transpose(0, 2, 1, 3), cached_v.value.transpose(0, 3, 1, 2)
 
 
 # -------------------------------------------------------------------------------------------- MLP
