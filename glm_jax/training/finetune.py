@@ -87,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.decay_steps = -1  # -1: linear decay to 0 over `steps` (the transformers default)
     c.step = ml_collections.ConfigDict(dataclasses.asdict(StepConfig(grad_accum=16, dropout=True)))
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.devices = 0  # use the first N devices of this process set (0 = all)
 
     c.log_every = 10
     c.checkpoint_every = 1000
@@ -272,7 +273,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _write_json(os.path.join(workdir, "config.json"), config.to_dict())
     if config.batch_size % config.step.grad_accum:
         raise ValueError(f"batch_size={config.batch_size} is not a multiple of step.grad_accum={config.step.grad_accum}")
-    mesh = make_mesh(**dict(config.mesh))
+    mesh = make_mesh(**dict(config.mesh), devices=jax.devices()[:config.devices] if config.devices else None)
     model, params = build_model(config, mesh)
     if primary:
         _write_json(os.path.join(workdir, "model_config.json"), model.config.to_dict())
