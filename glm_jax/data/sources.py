@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -91,7 +92,14 @@ def _ranges(path: str, data: bytes, separator: bytes) -> list[DocumentRef]:
     return refs
 
 
-def read_document(ref: DocumentRef, jsonl_key: str = "text") -> str:
+def read_document(ref: DocumentRef, jsonl_key: str = "text", join_lines: bool = False) -> str:
+    """The text of one document; `join_lines` turns hard-wrapped lines into one line (each line break
+    and the indentation around it become one space), for corpora wrapped at a fixed width."""
+    text = _read_document(ref, jsonl_key)
+    return re.sub(r"[ \t]*\n[ \t]*", " ", text) if join_lines else text
+
+
+def _read_document(ref: DocumentRef, jsonl_key: str) -> str:
     with open(ref.path, "rb") as f:
         f.seek(ref.start)
         raw = f.read(ref.end - ref.start)
@@ -111,12 +119,13 @@ class TextCorpus:
     """Documents of text files, tokenized on demand with a `ChatGLMTokenizer` model file."""
 
     def __init__(self, path: str | os.PathLike[str], tokenizer_path: str, split: str = "paragraph",
-                 jsonl_key: str = "text") -> None:
+                 jsonl_key: str = "text", join_lines: bool = False) -> None:
         self.refs = index_documents(find_text_files(path), split)
         if not self.refs:
             raise ValueError(f"no non-empty documents in {os.fspath(path)!r}")
         self.tokenizer_path = tokenizer_path
         self.jsonl_key = jsonl_key
+        self.join_lines = join_lines
         self._tokenizer = None
 
     def __len__(self) -> int:
@@ -131,7 +140,7 @@ class TextCorpus:
         return self._tokenizer
 
     def tokens(self, index: int) -> np.ndarray:
-        text = read_document(self.refs[index], self.jsonl_key)
+        text = read_document(self.refs[index], self.jsonl_key, self.join_lines)
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -319,6 +328,14 @@ class BlankInfillingLoader:
             pending.append(example)
             used += len(example)
 
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
     def _produce(self, state: LoaderState) -> None:
         try:
             rows = []
@@ -326,15 +343,9 @@ class BlankInfillingLoader:
                 rows.append(row)
                 if len(rows) == self.batch_size:
                     local = rows[self.local_rows]
-                    batch = {k: np.stack([r[k] for r in local]) for k in local[0]}
-                    while not self._stop.is_set():
-                        try:
-                            self._queue.put((batch, after), timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
+                    self._put(({k: np.stack([r[k] for r in local]) for k in local[0]}, after))
                     rows = []
                 if self._stop.is_set():
                     return
         except BaseException as e:  # handed to the consumer, raised by __next__
-            self._queue.put(e)
+            self._put(e)

@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.path = ""  # a .txt/.md/.jsonl/.json file or a directory of them
     c.data.split = "paragraph"  # text files: one document per "file", "paragraph" or "line"
     c.data.jsonl_key = "text"
+    c.data.join_lines = False  # text of hard-wrapped corpora: line breaks inside a document -> spaces
     c.data.tokenizer = ""  # a ChatGLM SentencePiece model (file or directory with ice_text.model)
     c.data.tokenizer_vocab_size = 0  # >0 and no tokenizer: train one on the corpus into the workdir
     c.data.num_workers = 0  # tokenizing / transforming worker processes
@@ -123,7 +124,7 @@ def _tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
             from glm_jax.tokenizer import train_chatglm_sentencepiece
 
             refs = index_documents(find_text_files(config.data.path), config.data.split)
-            texts = [read_document(r, config.data.jsonl_key) for r in refs]
+            texts = [read_document(r, config.data.jsonl_key, config.data.join_lines) for r in refs]
             _say(f"training a {config.data.tokenizer_vocab_size}-piece SentencePiece model on {len(texts)} documents")
             train_chatglm_sentencepiece(texts, config.data.tokenizer_vocab_size, path)
         _sync("tokenizer")
@@ -147,7 +148,8 @@ def build_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
         model_config = model_config.replace(
             vocab_size=vocab, bos_token_id=ids.sop, eos_token_id=ids.eop, mask_token_id=ids.mask,
             gmask_token_id=ids.gmask, pad_token_id=ids.pad)
-        corpus = TextCorpus(config.data.path, tokenizer.model_file, config.data.split, config.data.jsonl_key)
+        corpus = TextCorpus(config.data.path, tokenizer.model_file, config.data.split, config.data.jsonl_key,
+                            config.data.join_lines)
         is_sentence_end = sentence_end_table(tokenizer)
     elif config.data.kind == "synthetic":
         ids = special_ids_of_model(model_config)
