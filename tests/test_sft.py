@@ -28,7 +28,8 @@ def _golden_v1_parts(cases6b):
 def test_chatglm6b_row_matches_official(chatglm6b, cases6b):
     model, _ = chatglm6b
     prompt, answer = _golden_v1_parts(cases6b)
-    example = build_example(prompt, answer, SFTFormat.for_model(model.config), max_source_length=8, max_target_length=10)
+    fmt = SFTFormat.for_model(model.config)
+    example = build_example(prompt, answer, fmt, max_source_length=8, max_target_length=10)
     np.testing.assert_array_equal(example.input_ids, cases6b["d_train_loss/input_ids"][0])
     np.testing.assert_array_equal(example.labels, cases6b["d_train_loss/labels"][0])
     assert example.context_length == 7

@@ -145,7 +145,9 @@ def build_prompt_chatglm2(query: str, history: Sequence[tuple[str, str]] = ()) -
     return turns + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
 
 
-def prompt_text(record: Record, style: Style, *, training: bool, has_history_column: bool, source_prefix: str = "") -> str:
+def prompt_text(
+    record: Record, style: Style, *, training: bool, has_history_column: bool, source_prefix: str = "",
+) -> str:
     """The text before `[gMASK]`: `source_prefix` + the query, in the chat format when there is history."""
     if style == "prefix":
         return source_prefix + build_prompt_chatglm2(record.query, record.history)

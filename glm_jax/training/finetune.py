@@ -42,7 +42,9 @@ from glm_jax.training.loop import _Preemption, _say, _write_json
 from glm_jax.training.metrics import MetricWriter
 from glm_jax.training.optimizer import OptimizerConfig, make_optimizer
 from glm_jax.training.state import TrainState, count_params
-from glm_jax.training.train_step import StepConfig, Trainable, combine_params, global_batch, make_train_step, partition_params
+from glm_jax.training.train_step import (
+    StepConfig, Trainable, combine_params, global_batch, make_train_step, partition_params,
+)
 
 _QUANTIZATION = {"": 0, "int8": 8, "int4": 4}
 
@@ -116,7 +118,8 @@ def adapter_fields(config: ml_collections.ConfigDict, base: GLMConfig) -> dict[s
                     prefix_dropout=config.ptuning.prefix_dropout)
     if config.method == "lora":
         spec = config.lora.target_modules
-        patterns = spec if any(ch in spec for ch in "^$*+?()[]|\\") else [p.strip() for p in spec.split(",") if p.strip()]
+        is_regex = any(ch in spec for ch in "^$*+?()[]|\\")
+        patterns = spec if is_regex else [p.strip() for p in spec.split(",") if p.strip()]
         return dict(lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                     lora_targets=peft.resolve_lora_targets(patterns, base))
     return {}
@@ -272,7 +275,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if primary:
         _write_json(os.path.join(workdir, "config.json"), config.to_dict())
     if config.batch_size % config.step.grad_accum:
-        raise ValueError(f"batch_size={config.batch_size} is not a multiple of step.grad_accum={config.step.grad_accum}")
+        raise ValueError(f"batch_size={config.batch_size} is not a multiple of "
+                         f"step.grad_accum={config.step.grad_accum}")
     mesh = make_mesh(**dict(config.mesh), devices=jax.devices()[:config.devices] if config.devices else None)
     model, params = build_model(config, mesh)
     if primary:

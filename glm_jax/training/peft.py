@@ -25,11 +25,16 @@ import shutil
 import tempfile
 from typing import Any, Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
 
 from glm_jax.config import LORA_TARGETS, GLMConfig, to_hf_config
 from glm_jax.hf_io import CheckpointError, iter_tensors
 from glm_jax.hf_layout import TensorMap, prefix_tensor_maps, tensor_maps
+from glm_jax.modeling.transformer import GLMForCausalLM
+from glm_jax.pretrained import _get, _set, abstract_params
+from glm_jax.sharding import DEFAULT_RULES, logical_shardings
 from glm_jax.training.train_step import Trainable, combine_params, partition_params
 
 METHODS = ("full", "ptuning", "lora")
@@ -86,18 +91,6 @@ def check_method(config: GLMConfig, method: str) -> None:
 # ------------------------------------------------------------------------------- LoRA structure
 
 
-def _get(tree: Params, path: Path) -> Any:
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def _set(tree: Params, path: Path, value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def _official_modules(config: GLMConfig) -> dict[str, list[str]]:
     """Official module names (weight keys without `.weight`) of every LoRA-adaptable leaf name."""
     plain = config.replace(quantization_bit=0, lora_rank=0, lora_targets=())
@@ -128,7 +121,8 @@ def resolve_lora_targets(patterns: str | Sequence[str], config: GLMConfig) -> tu
         elif any(hits):
             raise ValueError(f"LoRA target_modules {patterns!r} select {leaf!r} in some layers only (unsupported)")
     if not chosen:
-        raise ValueError(f"LoRA target_modules {patterns!r} match no adaptable module ({sorted(_official_modules(config))})")
+        known = sorted(_official_modules(config))
+        raise ValueError(f"LoRA target_modules {patterns!r} match no adaptable module ({known})")
     return tuple(t for t in LORA_TARGETS if t in chosen)
 
 
@@ -366,13 +360,6 @@ def attach_lora(
 ) -> tuple[Any, Params]:
     """(model with the adapter's LoRA settings, params + adapter leaves) for a PEFT LoRA directory;
     the adapter stays unmerged (so it also works on an INT8/INT4 base) and float32."""
-    import flax.linen as nn
-    import jax
-
-    from glm_jax.modeling.transformer import GLMForCausalLM
-    from glm_jax.pretrained import abstract_params
-    from glm_jax.sharding import DEFAULT_RULES, logical_shardings
-
     config = read_lora_config(directory, model.config)
     model = GLMForCausalLM(config)
     abstract = abstract_params(model)
