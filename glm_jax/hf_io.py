@@ -3,11 +3,20 @@
 Handles sharded or single `pytorch_model*.bin` (read with `torch.load(weights_only=True, mmap=True)`;
 torch is an optional extra) and `*.safetensors` (read here without torch through a memory map, so
 bfloat16 and int8 tensors work too). Every failure names the file or key at fault.
+
+Tensors come out as zero-copy NumPy views of the memory-mapped file: opening a 2 GB shard costs
+nothing, and only the bytes a caller touches are read. Pages a process has touched count in its
+resident memory until unmapped, so streaming readers call `WeightFile.release` after each tensor
+(and `prefetch` before the next) to keep memory at one tensor instead of one shard.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import errno
 import json
+import mmap
 import os
 import struct
 from typing import Iterator
@@ -66,12 +75,171 @@ def weight_files(directory: str) -> dict[str, list[str] | None]:
     )
 
 
+@dataclasses.dataclass
+class WeightFile:
+    """The tensors of one weight file as lazy views, in the order their bytes lie in the file.
+
+    `mapped` is True when the views live in a read-only file mapping; only then may pages be
+    released (on ordinary memory `MADV_DONTNEED` would zero the data, so it is never used there).
+    """
+
+    path: str
+    tensors: dict[str, np.ndarray]
+    mapped: bool
+    _regions: list[tuple[int, int, int]] | None = dataclasses.field(default=None, repr=False)
+
+    def read(self, key: str) -> np.ndarray:
+        """An in-memory copy of `key`, read from the file with large direct reads (`read_file_range`).
+
+        Leaves no mapped pages behind and runs without the GIL, so a background thread can read
+        ahead while the caller computes.
+        """
+        view = self.tensors[key]
+        offset = self._file_offset(view) if self.mapped and view.flags.c_contiguous and view.nbytes else None
+        if offset is None:
+            return np.array(view)
+        data = read_file_range(self.path, offset, view.nbytes)
+        if data.nbytes != view.nbytes:
+            raise CheckpointError(f"{self.path}: file ends inside tensor {key}")
+        return data.view(view.dtype).reshape(view.shape)
+
+    def _file_offset(self, view: np.ndarray) -> int | None:
+        """Where `view`'s bytes lie in the file, from this process's memory map (None if unknown)."""
+        if self._regions is None:
+            self._regions = _mapped_regions(self.path)
+        address = view.__array_interface__["data"][0]
+        for start, end, offset in self._regions:
+            if start <= address and address + view.nbytes <= end:
+                return address - start + offset
+        return None
+
+    def release(self, key: str) -> None:
+        """Drops the pages of `key` from this process's memory (they stay in the page cache)."""
+        self.release_view(self.tensors[key])
+
+    def release_view(self, view: np.ndarray) -> None:
+        """Like `release`, for a view into one of this file's tensors (e.g. a block of rows)."""
+        if self.mapped:
+            release_pages(view)
+
+    def prefetch(self, key: str) -> None:
+        """Asks the kernel to start reading `key` from disk in the background."""
+        if self.mapped:
+            _madvise(self.tensors[key], getattr(mmap, "MADV_WILLNEED", None))
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+
+# Direct I/O (O_DIRECT) moves data between the disk and our buffers without the page cache. On
+# shared VMs the page cache path costs more CPU than the copy itself (~1.4 s of kernel time per GB
+# written, ~0.25 s per GB read, against ~0.03 s direct), so streaming converters use it where the
+# file system allows it; buffers, offsets and lengths must then be multiples of DIRECT_ALIGN.
+DIRECT_ALIGN = 4096
+O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has no direct I/O
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer whose address is a multiple of DIRECT_ALIGN."""
+    raw = np.empty(nbytes + DIRECT_ALIGN, np.uint8)
+    start = -raw.__array_interface__["data"][0] % DIRECT_ALIGN
+    return raw[start:start + nbytes]
+
+
+def read_file_range(path: str, offset: int, nbytes: int) -> np.ndarray:
+    """Bytes `[offset, offset + nbytes)` of a file (fewer at its end), read directly where possible.
+
+    The aligned range around the request is read into an aligned buffer and a view is returned;
+    file systems without O_DIRECT (tmpfs, some network mounts) get ordinary reads.
+    """
+    begin = offset - offset % DIRECT_ALIGN
+    end = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+    buffer = aligned_empty(end - begin)
+    try:
+        fd = os.open(path, os.O_RDONLY | O_DIRECT)
+    except OSError:
+        fd, begin, buffer = os.open(path, os.O_RDONLY), offset, aligned_empty(nbytes)
+    try:
+        done = _read_fully(fd, buffer, begin)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        os.close(fd)  # O_DIRECT accepted at open but not for reads: fall back to the page cache
+        fd, begin, buffer = os.open(path, os.O_RDONLY), offset, aligned_empty(nbytes)
+        done = _read_fully(fd, buffer, begin)
+    finally:
+        os.close(fd)
+    start = offset - begin
+    return buffer[start:min(start + nbytes, done)]
+
+
+def _read_fully(fd: int, buffer: np.ndarray, offset: int) -> int:
+    view, done = memoryview(buffer), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:done + (256 << 20)]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _mapped_regions(path: str) -> list[tuple[int, int, int]]:
+    """(start, end, file offset) of this process's mappings of `path` (Linux /proc/self/maps; else none)."""
+    target = os.path.realpath(path)
+    regions = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    regions.append((start, end, int(fields[2], 16)))
+    except OSError:
+        pass
+    return regions
+
+
+def release_pages(view: np.ndarray) -> None:
+    """Unmaps the pages under `view` from this process (`MADV_DONTNEED`); a later access re-reads them.
+
+    Only for views of a *file* mapping (read-only, or shared: written pages stay in the page cache and
+    reach the file): on ordinary memory the data would be lost.
+    """
+    _madvise(view, getattr(mmap, "MADV_DONTNEED", None))
+
+
+def _madvise(array: np.ndarray, advice: int | None) -> None:
+    if _LIBC is None or advice is None or array.nbytes == 0:
+        return
+    low, high = np.lib.array_utils.byte_bounds(array)
+    begin = low - low % mmap.PAGESIZE
+    end = -(-high // mmap.PAGESIZE) * mmap.PAGESIZE
+    _LIBC.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), ctypes.c_int(advice))
+
+
+def open_weight_file(path: str) -> WeightFile:
+    """Maps one `.bin` / `.safetensors` file; raises CheckpointError naming it if it is unreadable."""
+    if path.endswith(".safetensors"):
+        return WeightFile(path, dict(_iter_safetensors(path)), mapped=True)
+    state, mapped = _load_torch(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    torch = _import_torch()
+    bad = sorted(str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not named tensors: {bad[:5]}")
+    try:
+        tensors = {key: torch_to_numpy(tensor) for key, tensor in state.items()}
+    except Exception as e:
+        raise CheckpointError(f"cannot read tensors of {path}: {type(e).__name__}: {e}") from e
+    order = sorted(tensors, key=lambda k: tensors[k].__array_interface__["data"][0])
+    return WeightFile(path, {key: tensors[key] for key in order}, mapped)
+
+
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     """Yields `(key, array)` of one weight file, one tensor at a time, without loading the rest."""
-    if path.endswith(".safetensors"):
-        yield from _iter_safetensors(path)
-    else:
-        yield from _iter_torch(path)
+    weights = open_weight_file(path)
+    for key in list(weights.tensors):
+        yield key, weights.tensors.pop(key)
 
 
 _SAFETENSORS_DTYPES = {
@@ -96,12 +264,15 @@ def _iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     if data_start + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file (needs {data_start + end} bytes, has {size})")
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(end,)) if end else None
-    for key, info in header.items():
+    for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
         begin, stop = info["data_offsets"]
         dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        yield key, data[begin:stop].view(dtype).reshape(info["shape"])
+        if stop - begin != dtype.itemsize * int(np.prod(info["shape"])):
+            raise CheckpointError(f"{path}: tensor {key} has {stop - begin} bytes, its shape {info['shape']} needs "
+                                  f"{dtype.itemsize * int(np.prod(info['shape']))}")
+        yield key, np.asarray(data[begin:stop]).view(dtype).reshape(info["shape"])
 
 
 def _import_torch():
@@ -124,24 +295,18 @@ def torch_to_numpy(tensor) -> np.ndarray:
 
 def load_torch_file(path: str) -> dict:
     """`torch.load` with `weights_only=True` (never runs pickled code), memory-mapped when possible."""
+    return _load_torch(path)[0]
+
+
+def _load_torch(path: str) -> tuple[dict, bool]:
+    """`(state, mapped)`: the loaded object and whether its tensors live in a file mapping."""
     torch = _import_torch()
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            return torch.load(path, map_location="cpu", weights_only=True), False  # legacy (non-zip) format
     except Exception as e:  # torch raises many types for corrupt files; name the file once.
         raise CheckpointError(f"cannot read weight file {path}: {type(e).__name__}: {e}") from e
-
-
-def _iter_torch(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    state = load_torch_file(path)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    for key in list(state):
-        try:
-            yield key, torch_to_numpy(state.pop(key))
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {key} from {path}: {type(e).__name__}: {e}") from e

@@ -1,8 +1,10 @@
-"""`load_pretrained`: a model and its params from an official Hugging Face ChatGLM directory.
+"""`load_pretrained`: a model and its params from a converted checkpoint or an official Hugging Face
+ChatGLM directory (float, or the official INT8/INT4 weights).
 
-Tensors are read one at a time and written into preallocated stacked arrays, so peak memory is
-about one copy of the model plus one tensor. Every key is checked against the family's layout
+Official tensors are read one at a time and written into preallocated stacked arrays, so peak memory
+is about one copy of the model plus one tensor. Every key is checked against the family's layout
 (`glm_jax.hf_layout`): all missing, unexpected and mis-shaped keys are reported in one error.
+Converted checkpoints (`glm_jax.converted`) are restored by orbax directly into the target sharding.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from glm_jax import converted
 from glm_jax.config import GLMConfig, from_hf_config
 from glm_jax.hf_io import CheckpointError, iter_tensors, read_hf_config, weight_files
 from glm_jax.hf_layout import TIED_HEAD_KEY, TensorMap, ignored_keys, prefix_tensor_maps, tensor_maps
 from glm_jax.modeling.transformer import GLMForCausalLM
+from glm_jax.quantization import quantize_params
 from glm_jax.sharding import LogicalRules, DEFAULT_RULES, logical_shardings
 
 Params = dict[str, Any]
@@ -48,13 +52,14 @@ def _allocate(maps: list[TensorMap], shapes: Any, dtype: np.dtype) -> Params:
     for tensor_map in maps:
         for path in tensor_map.paths:
             try:
-                shape = _get(shapes, path).shape
+                leaf = _get(shapes, path)
             except KeyError:
                 raise CheckpointError(f"layout maps {tensor_map.key} onto {'/'.join(path)}, which the model lacks") from None
             try:
                 _get(params, path)
             except KeyError:
-                _set(params, path, np.empty(shape, dtype))
+                # Quantized weights stay int8; every float leaf is read in `dtype`.
+                _set(params, path, np.empty(leaf.shape, leaf.dtype if jnp.issubdtype(leaf.dtype, jnp.integer) else dtype))
     return params
 
 
@@ -128,7 +133,8 @@ def _place(params: Params, shardings: Any | None, dtype: np.dtype) -> Params:
     placed = []
     for i, sharding in enumerate(targets):
         leaf, flat[i] = flat[i], None
-        placed.append(jax.device_put(jnp.asarray(leaf, dtype) if sharding is None else leaf.astype(dtype), sharding))
+        target = dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype  # int8 weights stay int8
+        placed.append(jax.device_put(jnp.asarray(leaf, target) if sharding is None else leaf.astype(target), sharding))
     return jax.tree.unflatten(treedef, placed)
 
 
@@ -141,6 +147,9 @@ def _read_prefix(prefix_dir: str, config: GLMConfig) -> tuple[GLMConfig, Params,
     return config, hf, prefix_tensor_maps(config)
 
 
+_QUANTIZATION_BITS = {None: 0, "int8": 8, "int4": 4}
+
+
 def load_pretrained(
     path: str,
     *,
@@ -148,24 +157,32 @@ def load_pretrained(
     quantization: str | None = None,
     mesh: Mesh | None = None,
     prefix: str | None = None,
+    lora: str | None = None,
     rules: LogicalRules = DEFAULT_RULES,
     **config_overrides: Any,
 ) -> tuple[GLMForCausalLM, Params]:
-    """Model and params from an official Hugging Face ChatGLM directory.
+    """Model and params from a converted checkpoint directory or an official Hugging Face ChatGLM directory.
 
     `dtype` sets both compute and param dtype (default float32, exact for fp16 checkpoints);
-    `mesh` places every param with its logical sharding; `prefix` is a P-Tuning v2 checkpoint
-    directory whose prefix encoder is loaded on top (its `pre_seq_len`/`prefix_projection` apply).
+    `quantization` "int8" / "int4" quantizes the Linear weights of a float checkpoint with the
+    official scheme (None: load as stored; quantized checkpoints, official or converted, stay
+    quantized); `mesh` places every param with its logical sharding; `prefix` is a P-Tuning v2
+    checkpoint directory whose prefix encoder is loaded on top (its `pre_seq_len`/`prefix_projection` apply);
+    `lora` is a PEFT LoRA adapter directory attached unmerged (`glm_jax.training.peft.attach_lora`).
     """
-    if quantization is not None:
-        raise ValueError(f"quantization={quantization!r} is not supported by load_pretrained in this version")
+    if quantization not in _QUANTIZATION_BITS:
+        raise ValueError(f"quantization={quantization!r} is not one of {list(_QUANTIZATION_BITS)}")
     dtype = dtype or "float32"
-    config = from_hf_config(read_hf_config(path), dtype=dtype, param_dtype=dtype, **config_overrides)
-    if config.quantization_bit:
-        raise CheckpointError(
-            f"{path} holds an INT{config.quantization_bit} checkpoint, which load_pretrained cannot read in this version"
-        )
-    maps = tensor_maps(config)
+    is_converted = converted.is_converted_checkpoint(path)
+    if is_converted:
+        config = converted.read_glm_config(path).replace(dtype=dtype, param_dtype=dtype, **config_overrides)
+    else:
+        config = from_hf_config(read_hf_config(path), dtype=dtype, param_dtype=dtype, **config_overrides)
+    bits = _QUANTIZATION_BITS[quantization]
+    if bits and config.quantization_bit not in (0, bits):
+        raise CheckpointError(f"{path} holds an INT{config.quantization_bit} checkpoint; "
+                              f"quantization={quantization!r} would quantize it twice")
+    quantize = bool(bits) and not config.quantization_bit
     prefix_maps: list[TensorMap] = []
     if prefix is not None:
         config, _, prefix_maps = _read_prefix(prefix, config)
@@ -173,14 +190,34 @@ def load_pretrained(
     abstract = abstract_params(model)
     shapes = nn.unbox(abstract)
     np_dtype = np.float32  # read at full precision, cast once when placing on devices
-    params = read_official_params(path, config, shapes, maps, np_dtype, set(ignored_keys(config)))
+    base_shapes = {name: tree for name, tree in shapes.items() if name != "prefix_encoder" or prefix is None}
+    if is_converted and not quantize:
+        # Straight from disk into the target sharding and dtype (each host reads its shards only).
+        shardings = logical_shardings(abstract, mesh, rules) if mesh is not None else None
+        base_shardings = None if shardings is None else {k: shardings[k] for k in base_shapes}
+        params = converted.restore_params(path, base_shapes, dtype, base_shardings)
+    else:
+        if is_converted:
+            params = converted.restore_params(path, base_shapes, "float32", to_host=True)
+        else:
+            params = read_official_params(path, config, shapes, tensor_maps(config), np_dtype, set(ignored_keys(config)))
+        if quantize:
+            params = quantize_params(params, bits)
+            config = config.replace(quantization_bit=bits)
+            model = GLMForCausalLM(config)
+            abstract = abstract_params(model)
+        shardings = logical_shardings(abstract, mesh, rules) if mesh is not None else None
+        base_shardings = None if shardings is None else {k: shardings[k] for k in params}
+        params = _place(params, base_shardings, np.dtype(dtype))
     if prefix is not None:
         prefix_params = read_official_params(prefix, config, shapes, prefix_maps, np_dtype)
-        params["prefix_encoder"] = prefix_params["prefix_encoder"]
-    shardings = logical_shardings(abstract, mesh, rules) if mesh is not None else None
-    params = _place(params, shardings, np.dtype(dtype))
-    if prefix is not None:
+        prefix_shardings = None if shardings is None else {"prefix_encoder": shardings["prefix_encoder"]}
+        params["prefix_encoder"] = _place(prefix_params, prefix_shardings, np.dtype(dtype))["prefix_encoder"]
         # The prefix encoder stays in float32, as the official recipe keeps it.
         params["prefix_encoder"] = jax.tree.map(lambda x: x.astype(jnp.float32), params["prefix_encoder"])
+    if lora is not None:
+        from glm_jax.training.peft import attach_lora
+
+        model, params = attach_lora(lora, model, params, mesh, rules)
     return model, params
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from glm_jax import quantization
 from glm_jax.config import GLMConfig
 
 Array = jnp.ndarray
@@ -34,6 +35,10 @@ class Linear(nn.Module):
     Multi-axis kernels (e.g. `[embed, heads, head_dim]`) keep the head axis visible to the sharding
     rules. Matmuls accumulate in float32 (`preferred_element_type`): faster than bf16 output on CPU
     and exact enough for parity.
+
+    With `quantization_bit` 8 or 4 the weight is stored as `qkernel` (int8, INT4 packed in pairs
+    along the last input axis) plus a per-output-feature `qscale`, and dequantized inside the matmul
+    (`glm_jax.quantization`, the official ChatGLM scheme).
     """
 
     features: tuple[int, ...]
@@ -43,18 +48,28 @@ class Linear(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_stddev: float = 0.02
+    quantization_bit: int = 0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         in_shape = x.shape[-self.in_dims:]
-        kernel = self.param(
-            "kernel", _init(self.init_stddev, self.axes), (*in_shape, *self.features), as_dtype(self.param_dtype)
-        )
-        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
         dtype = as_dtype(self.dtype)
-        y = lax.dot_general(
-            x.astype(dtype), kernel.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32
-        )
+        if self.quantization_bit:
+            bits = self.quantization_bit
+            packed = (*in_shape[:-1], quantization.packed_size(in_shape[-1], bits))
+            qkernel = self.param(quantization.QKERNEL, nn.with_logical_partitioning(nn.initializers.zeros, self.axes),
+                                 (*packed, *self.features), jnp.int8)
+            scale_init = nn.with_logical_partitioning(nn.initializers.ones, self.axes[self.in_dims:])
+            qscale = self.param(quantization.QSCALE, scale_init, self.features, as_dtype(self.param_dtype))
+            y = quantization.quantized_dot(x, qkernel, qscale, bits, self.in_dims, dtype)
+        else:
+            kernel = self.param(
+                "kernel", _init(self.init_stddev, self.axes), (*in_shape, *self.features), as_dtype(self.param_dtype)
+            )
+            contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+            y = lax.dot_general(
+                x.astype(dtype), kernel.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32
+            )
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:]),
@@ -193,7 +208,7 @@ class Attention(nn.Module):
         prefix_kv: tuple[Array, Array] | None,
     ) -> Array:
         cfg = self.config
-        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, quantization_bit=cfg.quantization_bit)
         q = Linear((cfg.num_heads, cfg.head_dim), ("embed", "q_heads", "head_dim"), cfg.qkv_bias, name="query", **dense)(x)
         k = Linear((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, name="key", **dense)(x)
         v = Linear((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, name="value", **dense)(x)
@@ -243,7 +258,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias)
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias,
+                     quantization_bit=cfg.quantization_bit)
         up = Linear((cfg.ffn_hidden_size,), ("embed", "mlp"), name="up", **dense)(x)
         if cfg.mlp_type == "gelu":
             hidden = jax.nn.gelu(up, approximate=True)

@@ -1,0 +1,174 @@
+"""INT8 / INT4 weight-only quantization with the numerics and byte layout of the official ChatGLM code.
+
+The scheme (spec §1.7): per output row, symmetric, no zero point. `scale[r] = max_c |W[r, c]| / 127`
+(int8) or `/ 7` (int4), stored in float16; `q = round(W / scale[r])`. Both steps run in float16 as in
+the official `QuantizedLinear`, so a checkpoint quantized here is byte-identical to one quantized by
+the official code. INT4 packs two consecutive input columns into one int8 byte, the **even column in
+the high nibble**: `byte = (q[2j] << 4) | (q[2j+1] & 0xF)`.
+
+Our Linear kernels are `[*in, *out]` (the transpose of PyTorch's `[out, in]`), so "per output row"
+means one scale per output feature and the packed axis is the last *input* axis: a quantized kernel
+`qkernel` is int8 of shape `[*in[:-1], in[-1] * bits / 8, *out]` and `qscale` has shape `[*out]`.
+Packing along the input axis keeps the official bytes: an official INT4 weight `[out, in/2]` is our
+`qkernel` transposed, byte for byte. The functions work on NumPy arrays and, where noted, on JAX
+arrays inside `jit` (the model dequantizes inside its matmul).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BITS = (4, 8)
+# Names of the quantized Linear params (distinct from the float `kernel`, so float-only code paths
+# fail loudly instead of multiplying by int8 values).
+QKERNEL, QSCALE = "qkernel", "qscale"
+# Our Linear layers that the official code quantizes (`query_key_value`, `attention.dense`,
+# `dense_h_to_4h` = up (+ gate), `dense_4h_to_h` = down), as paths under one layer.
+QUANTIZED_LINEARS = (
+    ("attention", "query"), ("attention", "key"), ("attention", "value"), ("attention", "dense"),
+    ("mlp", "up"), ("mlp", "gate"), ("mlp", "down"),
+)
+
+
+def check_bits(bits: int) -> int:
+    if bits not in BITS:
+        raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
+    return bits
+
+
+def packed_size(size: int, bits: int) -> int:
+    """Length of an input axis of `size` values once stored with `bits` per value."""
+    check_bits(bits)
+    if bits == 4 and size % 2:
+        raise ValueError(f"INT4 packs pairs of input columns: the input size {size} must be even")
+    return size * bits // 8
+
+
+def _xp(array: Any):
+    return jnp if isinstance(array, jax.Array) else np
+
+
+def pack_int4(values: Any, axis: int = -1) -> Any:
+    """Packs int values in [-8, 7] pairwise along `axis`: even index -> high nibble, odd -> low nibble."""
+    xp = _xp(values)
+    values = xp.asarray(values).astype(xp.int8)
+    axis = axis % values.ndim
+    if values.shape[axis] % 2:
+        raise ValueError(f"INT4 packing needs an even length along axis {axis}, got shape {values.shape}")
+    pairs = values.reshape(*values.shape[:axis], values.shape[axis] // 2, 2, *values.shape[axis + 1:])
+    even = xp.take(pairs, 0, axis=axis + 1)
+    odd = xp.take(pairs, 1, axis=axis + 1)
+    return (even << 4) | (odd & 0xF)
+
+
+def unpack_int4(packed: Any, axis: int = -1) -> Any:
+    """Inverse of `pack_int4`: sign-extended int8 values, twice as long along `axis` (NumPy or JAX)."""
+    xp = _xp(packed)
+    axis = axis % packed.ndim
+    high = packed >> 4  # arithmetic shift of the signed byte
+    low = (packed << 4) >> 4  # sign-extends the low nibble
+    pairs = xp.stack([high, low], axis=axis + 1)
+    return pairs.reshape(*packed.shape[:axis], packed.shape[axis] * 2, *packed.shape[axis + 1:])
+
+
+def quantize_kernel(kernel: np.ndarray, bits: int, in_dims: int = 1, batch_dims: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`(qkernel, qscale)` of a float kernel `[*batch, *in, *out]` with the official float16 numerics.
+
+    `batch_dims` leading axes (e.g. the stacked layer axis) are quantized independently.
+    """
+    check_bits(bits)
+    w = np.asarray(kernel).astype(np.float16)
+    in_axes = tuple(range(batch_dims, batch_dims + in_dims))
+    packed_size(w.shape[batch_dims + in_dims - 1], bits)
+    row_max = np.abs(w).max(axis=in_axes)
+    # float16 `max / (2^(bits-1) - 1)` and float16 `w / scale`, each rounded once like the torch ops.
+    scale = (row_max.astype(np.float32) / np.float32(2 ** (bits - 1) - 1)).astype(np.float16)
+    scale_b = np.expand_dims(scale, in_axes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (w.astype(np.float32) / scale_b.astype(np.float32)).astype(np.float16)
+    ratio = np.where(scale_b == 0, np.float16(0), ratio)  # an all-zero row quantizes to zeros
+    q = np.round(ratio).astype(np.int8)
+    if bits == 4:
+        q = pack_int4(q, axis=batch_dims + in_dims - 1)
+    return q, scale
+
+
+def unpack_kernel(qkernel: Any, bits: int, in_dims: int = 1, batch_dims: int = 0) -> Any:
+    """The int8 values of a quantized kernel (INT4 unpacked), same layout as the float kernel."""
+    check_bits(bits)
+    return unpack_int4(qkernel, axis=batch_dims + in_dims - 1) if bits == 4 else qkernel
+
+
+def dequantize_kernel(
+    qkernel: np.ndarray, qscale: np.ndarray, bits: int, in_dims: int = 1, batch_dims: int = 0,
+    dtype: Any = np.float32,
+) -> np.ndarray:
+    """`q * scale` in float32 (the converter's dequantization, spec §1.7), cast to `dtype`."""
+    values = unpack_kernel(np.asarray(qkernel), bits, in_dims, batch_dims).astype(np.float32)
+    scale = np.expand_dims(np.asarray(qscale).astype(np.float32), tuple(range(batch_dims, batch_dims + in_dims)))
+    return (values * scale).astype(dtype)
+
+
+def quantize_official(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The official checkpoint tensors of a PyTorch `[out, in]` weight: (`weight` int8 `[out, in*bits/8]`,
+    `weight_scale` float16 `[out]`)."""
+    q, scale = quantize_kernel(np.asarray(weight).T, bits)
+    return np.ascontiguousarray(q.T), scale
+
+
+def dequantize_official(weight: np.ndarray, weight_scale: np.ndarray, bits: int, dtype: Any = np.float32) -> np.ndarray:
+    """Float `[out, in]` weight of an official quantized `weight` / `weight_scale` pair."""
+    return np.ascontiguousarray(dequantize_kernel(np.asarray(weight).T, weight_scale, bits, dtype=dtype).T)
+
+
+def quantized_dot(x: jax.Array, qkernel: jax.Array, qscale: jax.Array, bits: int, in_dims: int, dtype: Any) -> jax.Array:
+    """`x · dequantize(qkernel, qscale)` contracting the last `in_dims` axes of `x`, float32 result.
+
+    The scale is per output feature, so it is applied after the matmul: `(x · q) * scale` equals
+    `x · (q * scale)` up to float rounding, and the int values (|q| <= 127) are exact in every float
+    dtype, including bfloat16.
+    """
+    values = unpack_kernel(qkernel, bits, in_dims).astype(dtype)
+    contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
+    y = jax.lax.dot_general(x.astype(dtype), values, (contract, ((), ())), preferred_element_type=jnp.float32)
+    return y * qscale.astype(jnp.float32)
+
+
+def _linear_in_dims(path: tuple[str, ...]) -> int:
+    """Input axes of a quantizable Linear kernel (`attention/dense` contracts heads and head_dim)."""
+    return 2 if path[-2:] == ("attention", "dense") else 1
+
+
+def is_quantized_linear(path: tuple[str, ...]) -> bool:
+    """Whether `path` (ending at the Linear, e.g. ("layers", "mlp", "up")) is quantized by the model."""
+    return len(path) >= 3 and path[0] == "layers" and tuple(path[-2:]) in QUANTIZED_LINEARS
+
+
+def quantize_params(params: dict, bits: int) -> dict:
+    """A float param tree (NumPy leaves, layers stacked) with every quantizable kernel replaced by
+    `qkernel`/`qscale`; other leaves are kept as they are."""
+
+    def visit(node: dict, path: tuple[str, ...]) -> dict:
+        out = {}
+        for name, value in node.items():
+            if isinstance(value, dict):
+                out[name] = visit(value, (*path, name))
+            elif name == "kernel" and is_quantized_linear(path):
+                q, s = quantize_kernel(np.asarray(value), bits, _linear_in_dims(path), batch_dims=1)
+                out[QKERNEL], out[QSCALE] = q, s
+            else:
+                out[name] = value
+        return out
+
+    return visit(params, ())
+
+
+__all__ = [
+    "BITS", "QKERNEL", "QSCALE", "QUANTIZED_LINEARS", "dequantize_kernel", "dequantize_official", "is_quantized_linear",
+    "pack_int4", "packed_size", "quantize_kernel", "quantize_official", "quantize_params", "quantized_dot",
+    "unpack_int4", "unpack_kernel",
+]

@@ -1,0 +1,154 @@
+"""INT8/INT4 weight-only quantization against independent references.
+
+References: a byte-by-byte INT4 packer/unpacker written from spec §1.7 with Python ints, and the
+official `QuantizedLinear` arithmetic replayed with torch float16 ops (the same ops as the official
+`quantization.py`, CPU instead of CUDA).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from glm_jax import quantization as q
+from glm_jax.modeling.layers import Linear
+
+
+def reference_pack(values: np.ndarray) -> np.ndarray:
+    """Spec §1.7: byte j of a row = (q[2j] << 4) | (q[2j+1] & 0xF), as a signed int8."""
+    rows, cols = values.shape
+    out = np.zeros((rows, cols // 2), np.int8)
+    for r in range(rows):
+        for j in range(cols // 2):
+            byte = ((int(values[r, 2 * j]) << 4) | (int(values[r, 2 * j + 1]) & 0xF)) & 0xFF
+            out[r, j] = byte - 256 if byte >= 128 else byte
+    return out
+
+
+def reference_unpack(packed: np.ndarray) -> np.ndarray:
+    """Spec §1.7: high nibble = arithmetic shift right by 4; low nibble sign-extended."""
+    rows, cols = packed.shape
+    out = np.zeros((rows, 2 * cols), np.int8)
+    for r in range(rows):
+        for j in range(cols):
+            byte = int(packed[r, j]) & 0xFF
+            high, low = byte >> 4, byte & 0xF
+            out[r, 2 * j] = high - 16 if high >= 8 else high
+            out[r, 2 * j + 1] = low - 16 if low >= 8 else low
+    return out
+
+
+def official_quantize(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The official QuantizedLinear.__init__ arithmetic (before int4 compression), in torch float16."""
+    w = torch.from_numpy(weight.astype(np.float16))
+    scale = (w.abs().max(dim=-1).values / ((2 ** (bits - 1)) - 1)).half()
+    values = torch.round(w / scale[:, None]).to(torch.int8)
+    return values.numpy(), scale.numpy()
+
+
+@pytest.fixture(scope="module")
+def weight():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 40)).astype(np.float16) * np.float16(0.05)
+    w[3] = 0  # an all-zero row must quantize to zeros, not NaN
+    w[5, 7] = 3.0  # one outlier row
+    return w
+
+
+def test_pack_matches_spec_reference_for_every_nibble_pair():
+    values = np.array([[a, b] for a in range(-8, 8) for b in range(-8, 8)], np.int8).reshape(16, 32)
+    packed = q.pack_int4(values)
+    np.testing.assert_array_equal(packed, reference_pack(values))
+    np.testing.assert_array_equal(reference_unpack(packed), values)
+    np.testing.assert_array_equal(q.unpack_int4(packed), values)
+    # High nibble = even column: (1, 2) -> 0x12, (-1, 0) -> 0xF0.
+    np.testing.assert_array_equal(q.pack_int4(np.array([[1, 2, -1, 0]], np.int8)), np.array([[0x12, -16]], np.int8))
+
+
+def test_jax_unpack_equals_numpy_unpack_on_other_axes():
+    packed = np.random.default_rng(1).integers(-128, 128, size=(3, 5, 4), dtype=np.int8)
+    for axis in range(3):
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda p, a=axis: q.unpack_int4(p, a))(packed)),
+                                      q.unpack_int4(packed, axis))
+        np.testing.assert_array_equal(q.pack_int4(q.unpack_int4(packed, axis), axis), packed)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_official_matches_official_arithmetic(weight, bits):
+    values, scale = official_quantize(weight, bits)
+    qweight, qscale = q.quantize_official(weight, bits)
+    assert qscale.dtype == np.float16 and qweight.dtype == np.int8
+    np.testing.assert_array_equal(qscale, scale)
+    expected = reference_pack(values) if bits == 4 else values
+    assert qweight.shape == (24, 40 * bits // 8)
+    np.testing.assert_array_equal(qweight, expected)
+    assert np.abs(values[3]).max() == 0 and np.abs(values).max() == 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantize_is_values_times_row_scale(weight, bits):
+    qweight, scale = q.quantize_official(weight, bits)
+    values = reference_unpack(qweight) if bits == 4 else qweight
+    expected = values.astype(np.float32) * scale.astype(np.float32)[:, None]
+    np.testing.assert_array_equal(q.dequantize_official(qweight, scale, bits), expected)
+    assert np.abs(expected - weight).max() <= scale.max() / 2 * 1.01  # within half a step of the original
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_layout_is_the_transposed_official_layout(weight, bits):
+    qkernel, scale = q.quantize_kernel(weight.T, bits)
+    qweight, official_scale = q.quantize_official(weight, bits)
+    np.testing.assert_array_equal(qkernel, qweight.T)
+    np.testing.assert_array_equal(scale, official_scale)
+    # Stacked layers with a 2-axis input ([layers, heads, head_dim, out]) quantize layer by layer.
+    stacked = np.stack([weight.T.reshape(4, 10, 24), weight.T[::-1].reshape(4, 10, 24)])
+    qk, s = q.quantize_kernel(stacked, bits, in_dims=2, batch_dims=1)
+    for layer in range(2):
+        ref_q, ref_s = q.quantize_kernel(stacked[layer].reshape(40, 24), bits)
+        np.testing.assert_array_equal(s[layer], ref_s)
+        np.testing.assert_array_equal(q.unpack_kernel(qk[layer], bits, 2).reshape(40, 24), q.unpack_kernel(ref_q, bits))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linear_applies_the_dequantized_weight(bits):
+    """The model's quantized Linear equals x @ dequantize(W) + b computed in float64 NumPy."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 4, 8)).astype(np.float32)  # in_dims=2: [heads=4, head_dim=8]
+    layer = Linear((16,), ("heads", "head_dim", "embed"), in_dims=2, quantization_bit=bits)
+    params = nn.unbox(layer.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"])
+    assert params["qkernel"].shape == (4, 8 * bits // 8, 16) and params["qkernel"].dtype == jnp.int8
+    kernel = rng.standard_normal((4, 8, 16)).astype(np.float32)
+    qkernel, scale = q.quantize_kernel(kernel, bits, in_dims=2)
+    bias = rng.standard_normal(16).astype(np.float32)
+    params = {"qkernel": qkernel, "qscale": scale.astype(np.float32), "bias": bias}
+    y = np.asarray(jax.jit(layer.apply)({"params": params}, x))
+    w = q.unpack_kernel(qkernel, bits, in_dims=2).astype(np.float64) * scale.astype(np.float64)
+    expected = np.einsum("bshd,hde->bse", x.astype(np.float64), w) + bias
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_params_replaces_only_the_official_linears():
+    rng = np.random.default_rng(3)
+    params = {
+        "word_embeddings": {"embedding": rng.standard_normal((10, 8)).astype(np.float32)},
+        "layers": {
+            "attention": {"query": {"kernel": rng.standard_normal((2, 8, 2, 4)).astype(np.float32),
+                                    "bias": np.zeros((2, 2, 4), np.float32)},
+                          "dense": {"kernel": rng.standard_normal((2, 2, 4, 8)).astype(np.float32)}},
+            "mlp": {"up": {"kernel": rng.standard_normal((2, 8, 16)).astype(np.float32)}},
+        },
+    }
+    out = q.quantize_params(params, 4)
+    assert set(out["layers"]["attention"]["query"]) == {"qkernel", "qscale", "bias"}
+    assert out["layers"]["attention"]["dense"]["qkernel"].shape == (2, 2, 2, 8)
+    assert out["layers"]["mlp"]["up"]["qkernel"].shape == (2, 4, 16)
+    assert out["word_embeddings"]["embedding"] is params["word_embeddings"]["embedding"]
+    expected, _ = q.quantize_kernel(params["layers"]["mlp"]["up"]["kernel"][1], 4)
+    np.testing.assert_array_equal(out["layers"]["mlp"]["up"]["qkernel"][1], expected)
+
+
+def test_odd_input_width_cannot_be_packed():
+    with pytest.raises(ValueError, match="even"):
+        q.quantize_kernel(np.ones((5, 3), np.float32), 4)
