@@ -28,8 +28,8 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per row.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps.")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "float32, or bfloat16 autocast over float32 weights (mixed precision).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "autocast-bfloat16", "bfloat16"],
+                           "float32; bfloat16 autocast over float32 weights (mixed precision); or bfloat16 weights.")
 flags.mark_flags_as_required(["config_dir", "reference_code"])
 
 
@@ -67,7 +67,8 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(_THREADS.value)
     torch.manual_seed(0)
     config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
-    model = transformers.AutoModel.from_config(config, trust_remote_code=True, empty_init=False).float().train()
+    model = transformers.AutoModel.from_config(config, trust_remote_code=True, empty_init=False)
+    model = model.to(torch.bfloat16 if _DTYPE.value == "bfloat16" else torch.float32).train()
     shutil.rmtree(os.path.dirname(model_dir), ignore_errors=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> None:
     labels[:, :half + 1] = -100
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_DTYPE.value == "bfloat16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_DTYPE.value == "autocast-bfloat16"):
             loss = model(input_ids=ids, labels=labels, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -122,3 +122,27 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(tmp_path, caplog
             path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
         Checkpointer(tmp_path / "ckpt", async_save=False).restore_latest(abstract)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "pretrain").glob("*.py")))
+def test_pretrain_configs_are_valid(name):
+    import importlib.util
+
+    from glm_jax.config import preset
+    from glm_jax.data.blank_infilling import BlankInfillingConfig
+    from glm_jax.training.loop import default_config
+    from glm_jax.training.optimizer import OptimizerConfig
+    from glm_jax.training.train_step import StepConfig
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / "pretrain" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert set(config.keys()) == set(default_config().keys())
+    preset(config.model.preset).replace(**dict(config.model.overrides))
+    BlankInfillingConfig(**dict(config.objective))
+    OptimizerConfig(**{**dict(config.optimizer), "decay_steps": config.steps})
+    StepConfig(**dict(config.step))
+    assert config.data.kind in ("text", "synthetic")
+    if config.data.kind == "text" and config.data.path:
+        assert pathlib.Path(config.data.path).is_file()

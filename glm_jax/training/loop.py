@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -196,6 +197,15 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def _window_means(sums: dict[str, Any], last: dict[str, Any], steps: int) -> dict[str, float]:
+    """Logged values of a window of steps: means of loss, accuracy and gradient norm, totals of scored
+    tokens and skipped steps, the latest learning rate."""
+    values = {k: float(v) / steps for k, v in sums.items()}
+    values.update(scored_tokens=float(sums["scored_tokens"]), skipped=float(sums["skipped"]),
+                  learning_rate=float(last["learning_rate"]))
+    return values
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the job described by `config` in `workdir`, resuming from its newest readable checkpoint."""
     os.makedirs(workdir, exist_ok=True)
@@ -236,15 +246,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         process_index=jax.process_index(), process_count=jax.process_count())
     preemption = _Preemption()
     step, last, window_start, window_tokens, window_steps = start, None, time.perf_counter(), 0, 0
+    window = None  # on-device sums of the metrics since the last log line (no host sync per step)
     try:
         while step < config.steps and not preemption.requested:
             batch = next(loader)
             state, metrics = step_fn(state, global_batch(batch, mesh))
+            window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
             step += 1
             window_tokens += int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
             window_steps += 1
             if step % config.log_every == 0 or step == config.steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values = _window_means(jax.device_get(window), jax.device_get(metrics), window_steps)
+                window = None
                 elapsed = time.perf_counter() - window_start
                 values["tokens_per_s"] = window_tokens / elapsed
                 values["mfu"] = flops_per_token * config.batch_size * config.seq_len * window_steps / elapsed / peak

@@ -1,0 +1,55 @@
+"""Two `glm-train` processes joined by `jax.distributed` on localhost train like one process."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from glm_jax.training.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "pretrain" / "synthetic_tiny.py")
+STEPS = 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(workdir, *extra):
+    return [sys.executable, "-m", "glm_jax.cli.train", f"--config={CONFIG}", f"--workdir={workdir}",
+            f"--config.steps={STEPS}", "--config.checkpoint_every=100", "--config.mesh.data=-1",
+            "--config.mesh.fsdp=1", *extra]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def test_two_processes_match_one(tmp_path):
+    single = tmp_path / "single"
+    subprocess.run(_command(single), env=_env(), check=True, capture_output=True, timeout=300)
+
+    shared = tmp_path / "distributed"
+    address = f"127.0.0.1:{_free_port()}"
+    processes = [
+        subprocess.Popen(_command(shared, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"),
+                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 process(es)" in outputs[0] and "'data': 2" in outputs[0]
+
+    expected = [r["loss"] for r in read_metrics(str(single))]
+    got = [r["loss"] for r in read_metrics(str(shared))]
+    assert len(got) == STEPS
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert (shared / "checkpoints" / str(STEPS)).is_dir()
