@@ -147,7 +147,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: Any) -> tuple[GLMForCau
         base = preset(config.model.preset, dtype=dtype, param_dtype=dtype, **dict(config.model.overrides))
         params = None
     model_config = base.replace(remat_policy=config.model.remat_policy, **adapter_fields(config, base))
-    peft.check_method(model_config.replace(quantization_bit=bits), config.method)
+    peft.check_method(model_config.replace(quantization_bit=bits or model_config.quantization_bit), config.method)
     model = GLMForCausalLM(model_config)
     trainable = peft.trainable_predicate(config.method)
     if params is None:
