@@ -29,19 +29,23 @@ def _command(workdir, *extra):
             "--config.mesh.fsdp=1", *extra]
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+def _env(cache_dir):
+    """CPU, one device per process, and a shared persistent compilation cache: the runs compile the same
+    programs, so only the first pays for compilation (the executable, hence the numbers, are the same)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def test_two_processes_match_one(tmp_path):
+    env = _env(tmp_path / "xla-cache")
     single = tmp_path / "single"
-    subprocess.run(_command(single), env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(_command(single), env=env, check=True, capture_output=True, timeout=300)
 
     shared = tmp_path / "distributed"
     address = f"127.0.0.1:{_free_port()}"
     processes = [
         subprocess.Popen(_command(shared, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"),
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in processes]

@@ -21,7 +21,7 @@ from glm_jax.training.metrics import plot_loss, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "pretrain" / "synthetic_tiny.py")
-STEPS = 12
+STEPS = 16
 
 
 def _command(workdir, *overrides):
@@ -29,39 +29,54 @@ def _command(workdir, *overrides):
             f"--config.steps={STEPS}", "--config.checkpoint_every=4", *overrides]
 
 
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return env
+def _env(cache_dir):
+    """CPU, one device per process, and a shared persistent compilation cache: the runs compile the same
+    programs, so only the first pays for compilation (the executable, hence the numbers, are the same)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def _losses(workdir):
+    if not (pathlib.Path(workdir) / "metrics.jsonl").is_file():
+        return {}
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
 
 
+def _wait_for(condition, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.05)
+
+
 def test_sigkill_and_restart_reproduce_the_uninterrupted_losses(tmp_path):
+    env = _env(tmp_path / "xla-cache")
     straight = tmp_path / "straight"
-    subprocess.run(_command(straight), env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(_command(straight), env=env, check=True, capture_output=True, timeout=300)
     expected = _losses(straight)
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_command(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    process = subprocess.Popen(_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while time.time() < deadline:
-            done = (killed / "checkpoints" / "4").is_dir() and (killed / "metrics.jsonl").is_file() \
-                and max(_losses(killed), default=0) >= 6
-            if done or process.poll() is not None:
-                break
-            time.sleep(0.05)
+        _wait_for(lambda: process.poll() is not None or (
+            (killed / "checkpoints" / "4").is_dir() and max(_losses(killed), default=0) >= 6))
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
     interrupted_at = max(_losses(killed))
     assert 6 <= interrupted_at < STEPS, "the job was not killed mid-run"
 
-    result = subprocess.run(_command(killed), env=_env(), check=True, capture_output=True, text=True, timeout=300)
-    assert "resumed from step" in result.stdout
+    # Restart, then stop it with SIGTERM (preemption): it saves where it is and exits cleanly.
+    process = subprocess.Popen(_command(killed), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    _wait_for(lambda: max(_losses(killed)) > interrupted_at or process.poll() is not None)
+    process.send_signal(signal.SIGTERM)
+    stdout = process.communicate(timeout=120)[0]
+    assert "resumed from step" in stdout
+    assert process.returncode == 0 and "(preempted)" in stdout, stdout[-2000:]
+    stopped = int(stdout.split("stopped at step ")[1].split()[0])
+    assert stopped < STEPS and (killed / "checkpoints" / str(stopped)).is_dir()
+
+    subprocess.run(_command(killed), env=env, check=True, capture_output=True, timeout=300)
     resumed = _losses(killed)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert [resumed[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]  # bit-identical
