@@ -127,9 +127,16 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(tmp_path, caplog
     for path in (tmp_path / "ckpt" / "2" / "state").rglob("*"):
         if path.is_file() and "d" == path.parent.name:
             path.write_bytes(b"garbage")
+    # a save interrupted before its rename, and a step directory that lost its contents
+    (tmp_path / "ckpt" / "3.orbax-checkpoint-tmp-1234").mkdir()
+    (tmp_path / "ckpt" / "3.orbax-checkpoint-tmp-1234" / "junk").write_bytes(b"x")
+    (tmp_path / "ckpt" / "4").mkdir()
+    checkpointer.close()
+    checkpointer = Checkpointer(tmp_path / "ckpt", async_save=False, keep=5)
     step, _, data = checkpointer.restore_latest(abstract)
     assert step == 1 and data["loader"]["position"] == 1
     assert "checkpoint step 2" in caplog.text and "corrupt or incomplete" in caplog.text
+    assert 3 not in checkpointer.steps()
     checkpointer.close()
 
     for path in (tmp_path / "ckpt" / "1" / "state").rglob("*"):
