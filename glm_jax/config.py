@@ -45,6 +45,8 @@ MaskFill = Literal["layer_scaled", "standard", "fp16_min"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Modules LoRA can adapt, by their official ChatGLM names (what PEFT's `target_modules` match).
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +95,13 @@ class GLMConfig:
     # The projected prefix embeds in the hidden size (ChatGLM-6B) or in the kv size (ChatGLM2).
     prefix_embed_in_kv_size: bool = False
     prefix_dropout: float = 0.1
+    # LoRA (PEFT's lora_A/lora_B, `y += alpha/rank · B(A(dropout(x)))`) on the official fused modules
+    # named in `lora_targets` (see LORA_TARGETS); a fused module (query_key_value, a gated
+    # dense_h_to_4h) has one A shared by its parts and one B split by rows. rank 0 = off.
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
     # Numerics and memory.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -101,6 +110,7 @@ class GLMConfig:
     quantization_bit: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives lists
         problems = []
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -119,6 +129,11 @@ class GLMConfig:
             problems.append("position_scheme 'glm130b' needs bos_token_id and mask_token_id")
         if self.position_embedding != "none" and self.rotary != "none":
             problems.append(f"learned position embeddings exclude rotary embeddings, got rotary={self.rotary!r}")
+        unknown_targets = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown_targets:
+            problems.append(f"lora_targets {unknown_targets} are not among {LORA_TARGETS}")
+        if self.lora_rank < 0 or bool(self.lora_rank) != bool(self.lora_targets):
+            problems.append(f"lora_rank={self.lora_rank} and lora_targets={self.lora_targets} must be set together")
         if problems:
             raise ValueError("invalid GLMConfig: " + "; ".join(problems))
 
@@ -130,6 +145,10 @@ class GLMConfig:
     @property
     def gated_mlp(self) -> bool:
         return self.mlp_type in ("swiglu", "geglu")
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def prefix_kv_size(self) -> int:

@@ -39,6 +39,10 @@ class Linear(nn.Module):
     With `quantization_bit` 8 or 4 the weight is stored as `qkernel` (int8, INT4 packed in pairs
     along the last input axis) plus a per-output-feature `qscale`, and dequantized inside the matmul
     (`glm_jax.quantization`, the official ChatGLM scheme).
+
+    With `lora_rank` > 0 it owns a LoRA `lora_b [rank, *features]` (zeros) and adds
+    `lora_scale · lora_x · lora_b`, where `lora_x` is the output of the adapter's `LoRADown`, which
+    the caller computes once and may share between Linears (fused official modules).
     """
 
     features: tuple[int, ...]
@@ -49,9 +53,11 @@ class Linear(nn.Module):
     param_dtype: str = "float32"
     init_stddev: float = 0.02
     quantization_bit: int = 0
+    lora_rank: int = 0
+    lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, lora_x: Array | None = None) -> Array:
         in_shape = x.shape[-self.in_dims:]
         dtype = as_dtype(self.dtype)
         if self.quantization_bit:
@@ -70,6 +76,14 @@ class Linear(nn.Module):
             y = lax.dot_general(
                 x.astype(dtype), kernel.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32
             )
+        if self.lora_rank:
+            if lora_x is None:
+                raise ValueError(f"Linear {self.name!r} has a LoRA adapter but was called without its lora_x")
+            b_init = nn.with_logical_partitioning(nn.initializers.zeros, (None, *self.axes[self.in_dims:]))
+            lora_b = self.param("lora_b", b_init, (self.lora_rank, *self.features), jnp.float32)
+            delta = lax.dot_general(lora_x.astype(dtype), lora_b.astype(dtype), (((lora_x.ndim - 1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+            y = y + self.lora_scale * delta
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:]),
@@ -77,6 +91,43 @@ class Linear(nn.Module):
             )
             y = y + bias.astype(jnp.float32)
         return y.astype(dtype)
+
+
+class LoRADown(nn.Module):
+    """The shared half of a LoRA adapter: `dropout(x) · A`, `A [*in, rank]` (PEFT's `lora_A`, same
+    init: uniform ±1/sqrt(fan_in)). Kept in float32 like every trainable adapter."""
+
+    rank: int
+    in_axes: tuple[str, ...]
+    dropout: float = 0.0
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        in_dims = len(self.in_axes)
+        init = nn.initializers.variance_scaling(
+            1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(in_dims)), out_axis=-1)
+        a = self.param("kernel", nn.with_logical_partitioning(init, (*self.in_axes, None)),
+                       (*x.shape[-in_dims:], self.rank), jnp.float32)
+        dtype = as_dtype(self.dtype)
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic or self.dropout == 0.0)
+        contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
+        return lax.dot_general(x.astype(dtype), a.astype(dtype), (contract, ((), ())),
+                               preferred_element_type=jnp.float32).astype(dtype)
+
+
+def lora_down(config: GLMConfig, target: str, in_axes: tuple[str, ...], x: Array, deterministic: bool) -> Array | None:
+    """`LoRADown(x)` of the official module `target` when the config adapts it, else None (a submodule
+    named `lora_<target>` of the calling module)."""
+    if target not in config.lora_targets:
+        return None
+    down = LoRADown(config.lora_rank, in_axes, config.lora_dropout, config.dtype, name=f"lora_{target}")
+    return down(x, deterministic)
+
+
+def lora_fields(config: GLMConfig, lora_x: Array | None) -> dict:
+    """Linear keyword arguments giving it a LoRA `lora_b` when its module is adapted."""
+    return dict(lora_rank=config.lora_rank, lora_scale=config.lora_scale) if lora_x is not None else {}
 
 
 class Norm(nn.Module):
@@ -201,6 +252,7 @@ class Attention(nn.Module):
 
     config: GLMConfig
     decode: bool = False
+    deterministic: bool = True  # False enables LoRA dropout (training)
 
     @nn.compact
     def __call__(
@@ -209,9 +261,12 @@ class Attention(nn.Module):
     ) -> Array:
         cfg = self.config
         dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, quantization_bit=cfg.quantization_bit)
-        q = Linear((cfg.num_heads, cfg.head_dim), ("embed", "q_heads", "head_dim"), cfg.qkv_bias, name="query", **dense)(x)
-        k = Linear((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, name="key", **dense)(x)
-        v = Linear((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, name="value", **dense)(x)
+        qkv_lora = lora_down(cfg, "query_key_value", ("embed",), x, self.deterministic)
+        qkv = dict(dense, **lora_fields(cfg, qkv_lora))
+        q_axes, kv_axes = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+        q = Linear((cfg.num_heads, cfg.head_dim), q_axes, cfg.qkv_bias, name="query", **qkv)(x, qkv_lora)
+        k = Linear((cfg.num_kv_heads, cfg.head_dim), kv_axes, cfg.qkv_bias, name="key", **qkv)(x, qkv_lora)
+        v = Linear((cfg.num_kv_heads, cfg.head_dim), kv_axes, cfg.qkv_bias, name="value", **qkv)(x, qkv_lora)
         q = apply_rotary(cfg, q, cos, sin)
         k = apply_rotary(cfg, k, cos, sin)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
@@ -224,7 +279,9 @@ class Attention(nn.Module):
             visible = jnp.ones((*allowed.shape[:3], prefix_k.shape[1]), bool)
             allowed = jnp.concatenate([visible, allowed], axis=-1)
         out = attention_weights_and_values(cfg, q, k, v, allowed, layer_index)
-        return Linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg.dense_bias, in_dims=2, name="dense", **dense)(out)
+        out_lora = lora_down(cfg, "dense", ("heads", "head_dim"), out, self.deterministic)
+        return Linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg.dense_bias, in_dims=2, name="dense",
+                      **dense, **lora_fields(cfg, out_lora))(out, out_lora)
 
     def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array]:
         # Stored head-major, keys as [B, kv_heads, len, head_dim] and values as [B, kv_heads, head_dim,
@@ -254,21 +311,26 @@ class MLP(nn.Module):
     """GELU MLP (ChatGLM-6B, tanh GELU) or gated SwiGLU / GeGLU (gate = `gate`, multiplied with `up`)."""
 
     config: GLMConfig
+    deterministic: bool = True  # False enables LoRA dropout (training)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias,
                      quantization_bit=cfg.quantization_bit)
-        up = Linear((cfg.ffn_hidden_size,), ("embed", "mlp"), name="up", **dense)(x)
+        in_lora = lora_down(cfg, "dense_h_to_4h", ("embed",), x, self.deterministic)
+        up = Linear((cfg.ffn_hidden_size,), ("embed", "mlp"), name="up", **dense, **lora_fields(cfg, in_lora))(x, in_lora)
         if cfg.mlp_type == "gelu":
             hidden = jax.nn.gelu(up, approximate=True)
         else:
-            gate = Linear((cfg.ffn_hidden_size,), ("embed", "mlp"), name="gate", **dense)(x)
+            gate = Linear((cfg.ffn_hidden_size,), ("embed", "mlp"), name="gate", **dense,
+                          **lora_fields(cfg, in_lora))(x, in_lora)
             act = jax.nn.silu(gate) if cfg.mlp_type == "swiglu" else jax.nn.gelu(gate, approximate=False)
             hidden = act * up
         hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        return Linear((cfg.hidden_size,), ("mlp", "embed"), name="down", **dense)(hidden)
+        out_lora = lora_down(cfg, "dense_4h_to_h", ("mlp",), hidden, self.deterministic)
+        down = Linear((cfg.hidden_size,), ("mlp", "embed"), name="down", **dense, **lora_fields(cfg, out_lora))
+        return down(hidden, out_lora)
 
 
 # --------------------------------------------------------------------------------- P-Tuning v2

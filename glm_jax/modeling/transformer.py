@@ -30,6 +30,7 @@ class GLMBlock(nn.Module):
 
     config: GLMConfig
     decode: bool = False
+    deterministic: bool = True
 
     @nn.compact
     def __call__(
@@ -39,13 +40,14 @@ class GLMBlock(nn.Module):
         cfg = self.config
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         normed = Norm(cfg, name="input_norm")(x)
-        attn = Attention(cfg, decode=self.decode, name="attention")(normed, *rope, allowed, layer_index, prefix_kv)
+        attn = Attention(cfg, decode=self.decode, deterministic=self.deterministic, name="attention")(
+            normed, *rope, allowed, layer_index, prefix_kv)
         if cfg.residual_style == "deepnorm":
             hidden = normed * cfg.residual_alpha + attn
         else:
             hidden = x + attn
         normed = Norm(cfg, name="post_attention_norm")(hidden)
-        mlp = MLP(cfg, name="mlp")(normed)
+        mlp = MLP(cfg, deterministic=self.deterministic, name="mlp")(normed)
         out = normed * cfg.residual_alpha + mlp if cfg.residual_style == "deepnorm" else hidden + mlp
         # The layer input is returned as a scan output so hidden states can be inspected layer by layer.
         return out.astype(x.dtype), x
@@ -101,7 +103,7 @@ class GLMForCausalLM(nn.Module):
             in_axes=(0, 0, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, decode=decode, name="layers")
+        )(cfg, decode=decode, deterministic=deterministic, name="layers")
         rope = rotary_angles(cfg, position_ids)
         x, layer_inputs = stack(x, jnp.arange(cfg.num_layers), prefix_kv, rope, allowed)
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+from flax import traverse_util
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -34,6 +35,10 @@ class StepConfig:
     spike_factor: float = 0.0  # 0 disables the spike test (non-finite steps are always skipped)
     spike_warmup_steps: int = 20  # accepted steps before the spike test starts
     ema_decay: float = 0.99
+    # Train-mode dropout (P-Tuning prefix, LoRA); per-step keys come from `dropout_seed` and the step.
+    dropout: bool = False
+    dropout_seed: int = 0
+
 
 
 def shrink_embedding_gradient(alpha: float) -> Callable:
@@ -50,12 +55,41 @@ def shrink_embedding_gradient(alpha: float) -> Callable:
     return interceptor
 
 
-def loss_sums(model: nn.Module, params: Any, batch: dict[str, jax.Array], shrink: float = 1.0):
-    """(Σ masked token loss, (Σ correct, Σ mask)) of one (micro-)batch."""
+Trainable = Callable[[tuple[str, ...]], bool]
+
+
+def partition_params(params: Any, trainable: Trainable | None) -> tuple[Any, Any]:
+    """(trainable, frozen) sub-trees of a param dict, split by a predicate on each leaf's path
+    (e.g. `("layers", "attention", "query", "lora_b")`); everything is trainable without one."""
+    if trainable is None:
+        return params, {}
+    flat = traverse_util.flatten_dict(params)
+    chosen = {k: v for k, v in flat.items() if trainable(k)}
+    if not chosen:
+        raise ValueError("the trainable-parameter predicate selects no parameter")
+    frozen = {k: v for k, v in flat.items() if k not in chosen}
+    return traverse_util.unflatten_dict(chosen), traverse_util.unflatten_dict(frozen)
+
+
+def combine_params(trainable: Any, frozen: Any) -> Any:
+    """Inverse of `partition_params`."""
+    if not frozen:
+        return trainable
+    flat = {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)}
+    return traverse_util.unflatten_dict(flat)
+
+
+def loss_sums(
+    model: nn.Module, params: Any, batch: dict[str, jax.Array], shrink: float = 1.0, dropout_rng: jax.Array | None = None
+):
+    """(Σ masked token loss, (Σ correct, Σ mask)) of one (micro-)batch; with `dropout_rng`, in train mode."""
     mask = attention_mask(batch["segment_ids"], batch["part_a"])
 
     def forward():
-        return model.apply({"params": params}, batch["input_ids"], batch["position_ids"], mask)
+        if dropout_rng is None:
+            return model.apply({"params": params}, batch["input_ids"], batch["position_ids"], mask)
+        return model.apply({"params": params}, batch["input_ids"], batch["position_ids"], mask,
+                           deterministic=False, rngs={"dropout": dropout_rng})
 
     if shrink != 1.0:
         with nn.intercept_methods(shrink_embedding_gradient(shrink)):
@@ -73,33 +107,41 @@ def loss_sums(model: nn.Module, params: Any, batch: dict[str, jax.Array], shrink
 
 def make_train_step(
     model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule, config: StepConfig,
-    mesh: Mesh, state_shardings: Any,
+    mesh: Mesh, state_shardings: Any, trainable: Trainable | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`, jitted with the state's and the batch's shardings.
 
     The state argument is donated. `batch` holds `[global_batch, ...]` arrays (see `BATCH_KEYS`).
+    With `trainable` (a predicate on param paths, see `partition_params`) only those params get
+    gradients and updates, and `state.opt_state` must be `tx.init` of that sub-tree alone; the frozen
+    rest (which may be integer, e.g. an INT4 base) is passed through untouched.
     """
     value_and_grad = jax.value_and_grad(
-        lambda p, b: loss_sums(model, p, b, config.embedding_grad_shrink), has_aux=True)
+        lambda p, frozen, b, rng: loss_sums(model, combine_params(p, frozen), b, config.embedding_grad_shrink, rng),
+        has_aux=True)
 
-    def accumulate(params, batch):
+    def accumulate(params, frozen, batch, rng):
         if config.grad_accum == 1:
-            (loss, (correct, count)), grads = value_and_grad(params, batch)
+            (loss, (correct, count)), grads = value_and_grad(params, frozen, batch, rng)
             return loss, correct, count, grads
         micro = jax.tree.map(lambda x: x.reshape(config.grad_accum, -1, *x.shape[1:]), batch)
 
         def body(carry, mb):
-            (loss, (correct, count)), grads = value_and_grad(params, mb)
+            index, mb = mb
+            micro_rng = None if rng is None else jax.random.fold_in(rng, index)
+            (loss, (correct, count)), grads = value_and_grad(params, frozen, mb, micro_rng)
             sums = (carry[0] + loss, carry[1] + correct, carry[2] + count)
             return (*sums, jax.tree.map(jnp.add, carry[3], grads)), None
 
         zero = jnp.zeros((), jnp.float32)
         init = (zero, zero, zero, jax.tree.map(jnp.zeros_like, params))
-        (loss, correct, count, grads), _ = jax.lax.scan(body, init, micro)
+        (loss, correct, count, grads), _ = jax.lax.scan(body, init, (jnp.arange(config.grad_accum), micro))
         return loss, correct, count, grads
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        loss_sum, correct, count, grad_sums = accumulate(state.params, batch)
+        train_params, frozen = partition_params(state.params, trainable)
+        rng = jax.random.fold_in(jax.random.key(config.dropout_seed), state.step) if config.dropout else None
+        loss_sum, correct, count, grad_sums = accumulate(train_params, frozen, batch, rng)
         denom = jnp.maximum(count, 1.0)
         loss = loss_sum / denom
         grads = jax.tree.map(lambda g: g / denom, grad_sums)
@@ -109,12 +151,13 @@ def make_train_step(
         spike = (config.spike_factor > 0) & (accepted >= config.spike_warmup_steps) & (
             loss > config.spike_factor * state.loss_ema)
         ok = finite & ~spike
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, train_params)
+        params = optax.apply_updates(train_params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         ema = jnp.where(accepted == 0, loss, config.ema_decay * state.loss_ema + (1 - config.ema_decay) * loss)
         new_state = TrainState(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1, params=combine_params(keep(params, train_params), frozen),
+            opt_state=keep(opt_state, state.opt_state),
             loss_ema=jnp.where(ok, ema, state.loss_ema), skipped=state.skipped + (~ok).astype(jnp.int32),
         )
         metrics = {
