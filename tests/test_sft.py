@@ -147,3 +147,16 @@ def test_loader_is_resumable_and_covers_every_example(chatglm6b):
     seen = np.concatenate([b["input_ids"][:, 0] for b in first] + [next(SFTLoader(
         examples, config, batch_size=4, seed=3, state={"epoch": 0, "position": 8}))["input_ids"][:2, 0]])
     assert sorted(seen.tolist()) == list(range(10, 20))  # one epoch = every example once
+
+
+def test_scores_like_the_official_predict():
+    from glm_jax.evaluation import corpus_scores, example_scores
+
+    assert example_scores("这条裙子很好看", "这条裙子很好看") == {
+        "rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0, "bleu-4": 100.0}
+    disjoint = example_scores("天气", "裙子")
+    assert disjoint["rouge-1"] == 0.0 and disjoint["bleu-4"] < 1.0
+    # An empty prediction scores 0 instead of stopping the run (rouge_chinese raises on it).
+    assert example_scores("", "裙子")["rouge-l"] == 0.0
+    mean = corpus_scores(["这条裙子很好看", "天气"], ["这条裙子很好看", "裙子"])
+    assert mean["rouge-1"] == 50.0
