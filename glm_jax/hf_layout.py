@@ -241,7 +241,41 @@ def _glm4_hf(cfg: GLMConfig) -> list[TensorMap]:
     return maps
 
 
-_TABLES = {"chatglm": _chatglm6b, "chatglm2": _chatglm2, "glm4_hf": _glm4_hf}
+def _glm130b(cfg: GLMConfig) -> list[TensorMap]:
+    """GLM-130B's SAT state dict once its tensor-parallel ranks are merged (spec 3.2).
+
+    The key names and per-head QKV layout are ChatGLM-6B's; only `dense_h_to_4h` differs: it holds
+    the two GeGLU halves, the gated one second.
+    """
+    maps = []
+    for tensor_map in _chatglm6b(cfg):
+        if ".mlp.dense_h_to_4h." in tensor_map.key:
+            tensor_map = _gated_up(cfg, tensor_map.key, tensor_map.layer, gate_first=False,
+                                   bias=tensor_map.key.endswith(".bias"))
+        maps.append(tensor_map)
+    return maps
+
+
+def _glm_original(cfg: GLMConfig) -> list[TensorMap]:
+    """The original GLM as released for `transformers` (`glm-large`, `glm-10b`, ...; spec 4.3).
+
+    Same layer keys as ChatGLM-6B but with a `[Q | K | V]` block QKV layout; the word embedding sits
+    outside `transformer.`, which holds the learned position and block position tables.
+    """
+    h, v, rows = cfg.hidden_size, cfg.vocab_size, cfg.max_sequence_length + 1
+    maps = [TensorMap("word_embeddings.weight", (v, h), (("word_embeddings", "embedding"),), lambda w: (w,), lambda e: e)]
+    maps += [
+        TensorMap(f"transformer.{name}.weight", (rows, h), ((name, "embedding"),), lambda w: (w,), lambda e: e)
+        for name in ("position_embeddings", "block_position_embeddings")
+    ]
+    for tensor_map in _chatglm6b(cfg)[1:]:
+        if ".attention.query_key_value." in tensor_map.key:
+            tensor_map = _qkv_blocks(cfg, tensor_map.key, tensor_map.layer)
+        maps.append(tensor_map)
+    return maps
+
+
+_TABLES = {"chatglm": _chatglm6b, "chatglm2": _chatglm2, "glm4_hf": _glm4_hf, "glm130b": _glm130b, "glm": _glm_original}
 _QUANTIZED_FAMILIES = ("chatglm", "chatglm2")
 
 # Official keys that carry no parameters: rotary buffers (recomputed), and ChatGLM-6B's `lm_head`,
@@ -266,6 +300,10 @@ def ignored_keys(config: GLMConfig) -> list[str]:
         return keys + ([TIED_HEAD_KEY] if config.tie_word_embeddings else [])
     if config.family == "glm4_hf":
         return [TIED_HEAD_KEY] if config.tie_word_embeddings else []
+    if config.family == "glm130b":
+        return [f"transformer.layers.{i}.attention.rotary_emb.inv_freq" for i in range(config.num_layers)]
+    if config.family == "glm":
+        return []
     return ["transformer.rotary_pos_emb.inv_freq"]
 
 
