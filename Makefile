@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# The web chat test drives headless Chromium: Debian's chromium and chromium-driver (installed once, as root).
+CHROMEDRIVER := /usr/bin/chromedriver
 
 .PHONY: install test demo bench
 
@@ -10,12 +12,16 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[convert,dev]'
+	$(PY) -m pip install -q -e '.[convert,serve,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMEDRIVER)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+$(CHROMEDRIVER):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
 
 demo: $(STAMP)
 	$(PY) -m glm_jax.demo
