@@ -128,7 +128,8 @@ def reference_case(name: str, dtype: str, batch: int, seq_len: int) -> dict[str,
                f"--repeats={_REPEATS.value}", f"--dtype={PRECISIONS[dtype][2]}"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"reference step failed ({name}, {dtype}):\n{done.stderr[-3000:]}")
+        how = "killed by signal %d (out of memory?)" % -done.returncode if done.returncode < 0 else f"exit {done.returncode}"
+        raise RuntimeError(f"official step failed ({name}, {dtype}): {how}: {done.stderr.strip()[-1500:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -171,7 +172,13 @@ def main(argv: list[str]) -> None:
         for dtype in (precisions or "float32").split("+"):
             if dtype not in PRECISIONS:
                 raise app.UsageError(f"--shapes={entry}: unknown precision {dtype!r}; expected one of {sorted(PRECISIONS)}")
-            reference = reference_case(name, dtype, batch, seq_len) if _REFERENCE_CODE.value else None
+            reference = None
+            if _REFERENCE_CODE.value:
+                try:
+                    reference = reference_case(name, dtype, batch, seq_len)
+                except RuntimeError as e:
+                    notes.append(str(e).splitlines()[0])
+                    print(notes[-1], flush=True)
             mine = jax_case(name, dtype, batch, seq_len)
             tokens = batch * seq_len
             row = {"model": name, "params (M)": mine["params"] / 1e6, "dtype": dtype, "batch x seq": shape,

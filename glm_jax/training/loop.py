@@ -196,6 +196,15 @@ class _Preemption:
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
 
+    def agreed(self) -> bool:
+        """Whether any process got SIGTERM; all processes must stop at the same step, so with several
+        processes the flag is gathered every step (a tiny collective)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
 
 def _window_means(sums: dict[str, Any], last: dict[str, Any], steps: int) -> dict[str, float]:
     """Logged values of a window of steps: means of loss, accuracy and gradient norm, totals of scored
@@ -248,7 +257,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step, last, window_start, window_tokens, window_steps = start, None, time.perf_counter(), 0, 0
     window = None  # on-device sums of the metrics since the last log line (no host sync per step)
     try:
-        while step < config.steps and not preemption.requested:
+        while step < config.steps and not preemption.agreed():
             batch = next(loader)
             state, metrics = step_fn(state, global_batch(batch, mesh))
             window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
@@ -266,7 +275,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpointer.save(step, state, {"loader": loader.state.to_dict()}, force=True)
-        if preemption.requested and step not in checkpointer.steps():
+        if step < config.steps and step not in checkpointer.steps():  # stopped early by SIGTERM
             checkpointer.save(step, state, {"loader": loader.state.to_dict()}, force=True)
         checkpointer.wait()
     finally:
@@ -274,5 +283,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         loader.close()
         writer.close()
         checkpointer.close()
-    return {"step": step, "last_metrics": last, "preempted": preemption.requested, "state": state,
+    return {"step": step, "last_metrics": last, "preempted": step < config.steps, "state": state,
             "model_config": job.model_config}
