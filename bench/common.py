@@ -26,23 +26,30 @@ RESULTS_FILE = os.path.join(BENCH_DIR, "RESULTS.md")
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Seconds per call of a timed function: the best (least disturbed) and the median of `times`."""
+    """Seconds per call of a timed function: the best (least disturbed) and the median of `times`,
+    and the least CPU time (all threads of this process) of one call.
+
+    CPU time barely grows when other processes compete for the cores, so on a busy shared machine
+    it is the steadier measure of how much work a call is; wall time is what a user waits.
+    """
 
     best: float
     median: float
     times: tuple[float, ...]
+    cpu_best: float
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Timing:
     """Times `fn()` (its result blocked on with `jax.block_until_ready`) after `warmup` calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return Timing(min(times), statistics.median(times), tuple(times))
+        cpu_times.append(time.process_time() - cpu_start)
+    return Timing(min(times), statistics.median(times), tuple(times), min(cpu_times))
 
 
 def memory_bandwidth_gbps(megabytes: int = 512, repeats: int = 10) -> float:

@@ -9,9 +9,10 @@ logits so the run checks that both compute the same function (max |Δ logits|). 
 
     python bench/forward.py --reference_code=DIR_WITH_OFFICIAL_PY_FILES
 
-Reported per (model, dtype, batch, seq_len): compile seconds, tokens/s of both, the ratio JAX /
-official, and MFU of both against the peak matmul rate measured by `bench/common.py` in the same
-run. The table is printed and appended to bench/RESULTS.md.
+Reported per (model, precision, batch, seq_len): compile seconds, tokens/s of both, the ratio JAX /
+official (from wall time, and from CPU time, which other load on a shared machine distorts less),
+and MFU of both against the peak matmul rate measured by `bench/common.py` in the same run. The
+table is printed and appended to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ class Measurement:
     compile_s: float
     jax_s: float
     official_s: float | None
+    jax_cpu_s: float
+    official_cpu_s: float | None
     max_abs_dlogits: float | None
 
     def row(self, peaks: dict[str, float]) -> dict[str, Any]:
@@ -154,6 +157,7 @@ class Measurement:
             "jax_tok/s": round(tokens / self.jax_s),
             "official_tok/s": round(tokens / self.official_s) if official else "-",
             "jax/official": round(self.official_s / self.jax_s, 2) if official else "-",
+            "jax/official_cpu": round(self.official_cpu_s / self.jax_cpu_s, 2) if official else "-",
             "jax_MFU": f"{100 * self.flops / self.jax_s / peaks[PRECISIONS[self.dtype][1]]:.1f}%",
             "official_MFU": f"{100 * self.flops / self.official_s / peaks['float32']:.1f}%" if official else "-",
             "max_abs_dlogits": f"{self.max_abs_dlogits:.1e}" if official else "-",
@@ -194,7 +198,9 @@ def bench_model(name: str, peaks: dict[str, float], notes: list[str]) -> list[Me
     os.makedirs(scratch, exist_ok=True)
     try:
         official: dict[str, float] = {}
+        official_cpu: dict[str, float] = {}
         best: dict[int, float] = {}
+        best_cpu: dict[int, float] = {}
         for round_index in range(_ROUNDS.value):
             measure_peaks(peaks)
             if _REFERENCE_CODE.value:
@@ -202,11 +208,13 @@ def bench_model(name: str, peaks: dict[str, float], notes: list[str]) -> list[Me
                 reference = run_reference(checkpoint, inputs, scratch)
                 for run in reference["runs"]:
                     official[run["name"]] = min(official.get(run["name"], float("inf")), run["best_s"])
+                    official_cpu[run["name"]] = min(official_cpu.get(run["name"], float("inf")), run["cpu_best_s"])
             print(f"[{name}] round {round_index + 1}: JAX forward ...", flush=True)
             for i, (_, _, key, compiled, params, _) in enumerate(cases):
                 timing = common.time_calls(lambda: compiled(params, inputs[key]), warmup=_WARMUP.value,
                                            repeats=_REPEATS.value)
                 best[i] = min(best.get(i, float("inf")), timing.best)
+                best_cpu[i] = min(best_cpu.get(i, float("inf")), timing.cpu_best)
         if _REFERENCE_CODE.value:
             notes.append(f"{name}: official side torch {reference['torch']}, transformers {reference['transformers']}, "
                          f"{reference['threads']} threads, peak RSS {reference['peak_rss_mb']:.0f} MiB.")
@@ -218,7 +226,7 @@ def bench_model(name: str, peaks: dict[str, float], notes: list[str]) -> list[Me
                 diff = float(np.abs(logits - np.load(os.path.join(scratch, key + ".npy"))).max())
             measurements.append(Measurement(
                 name, param_count(params), dtype, batch, seq_len, forward_flops(config, batch, seq_len),
-                compile_s, best[i], official.get(key), diff))
+                compile_s, best[i], official.get(key), best_cpu[i], official_cpu.get(key), diff))
         return measurements
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -246,7 +254,12 @@ def main(argv: list[str]) -> None:
     bad = [d for d in _DTYPES.value if d not in PRECISIONS]
     if bad:
         raise app.UsageError(f"--dtypes: unknown {bad}; known: {sorted(PRECISIONS)}")
-    if not _REFERENCE_CODE.value:
+    if _REFERENCE_CODE.value:
+        missing = [f for f in ("modeling_chatglm.py", "configuration_chatglm.py")
+                   if not os.path.isfile(os.path.join(_REFERENCE_CODE.value, f))]
+        if missing:
+            raise app.UsageError(f"--reference_code={_REFERENCE_CODE.value} lacks {missing}")
+    else:
         print("NOTE: no --reference_code given: measuring the JAX side only (no ratio to the official code).", flush=True)
     load_at_start = os.getloadavg()[0]
     peaks = {dtype: 0.0 for dtype in dict.fromkeys(["float32", *(PRECISIONS[d][1] for d in _DTYPES.value)])}
@@ -263,7 +276,9 @@ def main(argv: list[str]) -> None:
         + f"; memory read bandwidth {bandwidth:.1f} GB/s.",
         "tok/s = batch*seq_len / best of the timed calls; MFU = (2*matmul params*tokens + 4*layers*seq_len^2*heads*"
         "head_dim*batch) / time / peak of the row's compute dtype (official: float32 peak). All rows of a model "
-        "compare with the official float32 run (max_abs_dlogits too, so low-precision rows show their rounding).",
+        "compare with the official float32 run (max_abs_dlogits too, so low-precision rows show their rounding). "
+        "jax/official_cpu: the same ratio from CPU seconds per call (all threads), which other load on the "
+        "machine distorts far less than wall time.",
     ] + notes
     if not _REFERENCE_CODE.value:
         notes.append("JAX only: run without --reference_code, so no official figures or ratios.")
