@@ -5,8 +5,9 @@ float or the official INT8/INT4 weights) through `glm_jax.hf_io`, checks the who
 and dtypes against the family's layout table *before* writing anything, then streams tensor by
 tensor into a `glm_jax.converted.ParamWriter`:
 
-* each source tensor is a view of the memory-mapped file; its pages are released once written, so
-  memory stays at about one tensor (peak RSS far below one shard, let alone the model);
+* tensors are read with direct I/O (no page cache, no mapped pages) by a thread that stays a few
+  hundred MB ahead, the largest ones slab by slab, so memory stays at about one tensor (peak RSS far
+  below one shard, let alone the model);
 * Linear weights are transposed with one fast 2-D panel copy, then split into our leaves;
 * with a mesh, the arrays are chunked like the target sharding and each host reads and writes only
   the shards it owns;
@@ -31,7 +32,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from checkpoints_convert.arrays import transpose2d
-from checkpoints_convert.prefetch import Prefetcher
+from checkpoints_convert.prefetch import read_ahead
 from checkpoints_convert.staging import ConversionError, output_directory
 from glm_jax import converted
 from glm_jax.config import DTYPES, GLMConfig, from_hf_config
@@ -43,6 +44,7 @@ from glm_jax.quantization import QKERNEL, dequantize_official, quantize_official
 from glm_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
 
 QUANTIZATION_CHOICES = ("keep", "none", "int8", "int4")
+_READ_AHEAD_LARGEST = 256 << 20
 _BITS = {"none": 0, "int8": 8, "int4": 4}
 
 
@@ -140,14 +142,10 @@ def _output_bits(source_bits: int, quantization: str, dtype: str | None) -> int:
     return bits
 
 
-def _crc32(array: np.ndarray, rows: int, release: Callable[[np.ndarray], None] | None) -> int:
-    """CRC-32 of an array's bytes, read slab by slab (a cheap equality check for the tied head)."""
-    crc = 0
-    for start in range(0, array.shape[0], rows):
-        slab = array[start:start + rows]
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(slab)).cast("B"), crc)
-        if release is not None:
-            release(slab)
+def _crc32(blocks, crc: int = 0) -> int:
+    """CRC-32 of the bytes of `blocks` (arrays, in order): a cheap equality check for the tied head."""
+    for block in blocks:
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8)), crc)
     return crc
 
 
@@ -157,22 +155,12 @@ class _Streamer:
     def __init__(self, writer: converted.ParamWriter):
         self.writer = writer
 
-    def write(
-        self, tensor_map: TensorMap, array: np.ndarray, *, release: Callable[[np.ndarray], None] | None = None,
-        stable: bool = False, digest: bool = False,
-    ) -> int | None:
-        """Splits `array` (official layout) into its leaves and writes them slab by slab.
-
-        `release(view)` is called for every written slab that is a plain byte range of `array` (pass
-        it when `array` is a file mapping); `stable` says `array` is a private in-memory copy.
-        `digest` (single-leaf, unsplit maps only) returns the CRC-32 of the bytes, read in the same pass.
-        """
+    def write(self, tensor_map: TensorMap, array: np.ndarray, *, digest: bool = False) -> int | None:
+        """Splits `array` (official layout, a private in-memory copy) into its leaves and writes them
+        slab by slab; `digest` (unsplit maps only) returns the CRC-32 of its bytes, read in the same pass."""
         writer = self.writer
         if is_linear_weight(tensor_map) and all(writer.owns_all(p) for p in tensor_map.paths):
-            source, array = array, transpose2d(array).T  # one fast copy; the leaves below are cheap views
-            if release is not None:
-                release(source)
-            release, stable = None, True
+            array = transpose2d(array).T  # one fast copy; the leaves below are cheap views
         crc = 0
         for path, leaf in zip(tensor_map.paths, tensor_map.split(array)):
             if digest and leaf is not array:
@@ -181,10 +169,21 @@ class _Streamer:
             for start in range(0, max(leaf.shape[0], 1), rows):
                 slab = leaf[start:start + rows]
                 if digest:
-                    crc = zlib.crc32(memoryview(np.ascontiguousarray(slab)).cast("B"), crc)
-                writer.write(path, slab, layer=tensor_map.layer, start=start, stable=stable)
-                if release is not None and slab.flags.c_contiguous:
-                    release(slab)
+                    crc = _crc32([slab], crc)
+                writer.write(path, slab, layer=tensor_map.layer, start=start, stable=True)
+        return crc if digest else None
+
+    def write_rows(
+        self, tensor_map: TensorMap, read_rows: Callable[[int, int], np.ndarray], *, digest: bool = False
+    ) -> int | None:
+        """Like `write` for an unsplit, unstacked tensor too large to hold: read and written a slab at a time."""
+        (path,) = tensor_map.paths
+        rows, total, crc = self.writer.slab_rows(path), tensor_map.shape[0], 0
+        for start in range(0, total, rows):
+            slab = read_rows(start, min(total, start + rows))
+            if digest:
+                crc = _crc32([slab], crc)
+            self.writer.write(path, slab, start=start, stable=True)
         return crc if digest else None
 
 
@@ -202,6 +201,7 @@ def convert(
     overwrite: bool = False,
     mesh: Mesh | None = None,
     rules: LogicalRules = DEFAULT_RULES,
+    chunk_bytes: int = 64 << 20,
     progress: bool = True,
 ) -> GLMConfig:
     """Converts the official directory `src` into a converted checkpoint at `dst`; returns its config.
@@ -209,6 +209,7 @@ def convert(
     `dtype` (float16 / bfloat16 / float32) is the stored float dtype, default the source's;
     `quantization` is "keep" (a quantized source stays quantized unless `dtype` is given), "none"
     (dequantize), or "int8" / "int4" (quantize a float source with the official numerics).
+    `chunk_bytes` caps the size of one stored chunk (the unit of every later read).
     """
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r} is not one of {DTYPES}")
@@ -232,10 +233,12 @@ def convert(
     with output_directory(dst, overwrite=overwrite, sources=(src,)) as staging:
         digests: dict[str, int] = {}
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress)
-        with converted.ParamWriter(staging, specs, shardings) as writer, bar:
+        with converted.ParamWriter(staging, specs, shardings, chunk_bytes=chunk_bytes) as writer, bar:
             streamer = _Streamer(writer)
-            items = [(weights, key) for weights in source.files for key in weights.tensors]
-            for weights, key, array in Prefetcher(items):
+            # Tensors up to 256 MB are read ahead into memory; larger ones stream from the mapping.
+            items = ((w, key, w.read(key) if w.tensors[key].nbytes <= _READ_AHEAD_LARGEST else None)
+                     for w in source.files for key in w.tensors)
+            for weights, key, array in read_ahead(items, lambda item: 0 if item[2] is None else item[2].nbytes):
                 _convert_tensor(source, weights, key, array, out_maps, source_bits, bits, streamer, digests)
                 bar.update(weights.tensors[key].nbytes)
             embed_key = source.embedding_key
@@ -253,39 +256,45 @@ def _convert_tensor(
     source: Source, weights: WeightFile, key: str, array: np.ndarray | None, out_maps: dict[str, TensorMap],
     source_bits: int, bits: int, streamer: _Streamer, digests: dict[str, int],
 ) -> None:
-    """Writes the leaves of one source tensor: `array` is its in-memory copy, or None to stream it
-    from the file mapping (large tensors), releasing the pages as they are written."""
-    mapped = array is None
-    if mapped:
-        weights.prefetch(key)
-        array = weights.tensors[key]
-    release = weights.release_view if mapped else None
+    """Writes the leaves of one source tensor: `array` is its in-memory copy, or None for a tensor too
+    large to read ahead (read here: an unsplit one slab by slab, any other whole)."""
     primary = jax.process_index() == 0
-    try:
-        if key not in source.maps:  # an ignored key: the tied head is compared with the embedding
-            if key == TIED_HEAD_KEY and primary:
-                digests[key] = _crc32(array, 4096, release)
-            return
-        if key.endswith(".weight_scale"):
-            if bits:  # kept quantized: the scale is a leaf like any other
-                streamer.write(out_maps[key], array, release=release, stable=not mapped)
-            return  # dequantized: consumed with its weight
-        out_map = out_maps[key]
-        quantized_source = any(p[-1] == QKERNEL for p in source.maps[key].paths)
-        if quantized_source and not bits:
-            scale = np.array(source.tensor(key + "_scale"))
-            streamer.write(out_map, dequantize_official(array, scale, source_bits, np.float32), stable=True)
-        elif bits and not quantized_source and any(p[-1] == QKERNEL for p in out_map.paths):
-            qweight, scale = quantize_official(array, bits)
-            streamer.write(out_map, qweight, stable=True)
-            streamer.write(out_maps[key + "_scale"], scale, stable=True)
-        elif key == source.embedding_key and TIED_HEAD_KEY in source.where and primary:
-            digests[key] = streamer.write(out_map, array, release=release, stable=not mapped, digest=True)
-        else:
-            streamer.write(out_map, array, release=release, stable=not mapped)
-    finally:
-        if mapped:
-            weights.release(key)
+    read_rows = lambda start, stop: weights.read(key, rows=(start, stop))  # noqa: E731
+    slab_rows = (64 << 20) // max(1, weights.tensors[key][:1].nbytes)
+    if key not in source.maps:  # an ignored key: the tied head is compared with the embedding
+        if key == TIED_HEAD_KEY and primary:
+            total = weights.tensors[key].shape[0]
+            blocks = [array] if array is not None else (
+                read_rows(s, min(total, s + slab_rows)) for s in range(0, total, slab_rows))
+            digests[key] = _crc32(blocks)
+        return
+    if key.endswith(".weight_scale"):
+        if bits:  # kept quantized: the scale is a leaf like any other
+            streamer.write(out_maps[key], array if array is not None else weights.read(key))
+        return  # dequantized: consumed with its weight
+    out_map = out_maps[key]
+    digest = key == source.embedding_key and TIED_HEAD_KEY in source.where and primary
+    quantized_source = any(p[-1] == QKERNEL for p in source.maps[key].paths)
+    quantize = bits and not quantized_source and any(p[-1] == QKERNEL for p in out_map.paths)
+    unsplit = (out_map.layer is None and len(out_map.paths) == 1 and not is_linear_weight(out_map)
+               and streamer.writer.specs[out_map.paths[0]].shape == out_map.shape)  # e.g. the word embedding
+    if array is None and unsplit and not quantize and not (quantized_source and not bits):
+        crc = streamer.write_rows(out_map, read_rows, digest=digest)
+        if digest:
+            digests[key] = crc
+        return
+    array = weights.read(key) if array is None else array
+    if quantized_source and not bits:
+        scale = np.array(source.tensor(key + "_scale"))
+        streamer.write(out_map, dequantize_official(array, scale, source_bits, np.float32))
+    elif quantize:
+        qweight, scale = quantize_official(array, bits)
+        streamer.write(out_map, qweight)
+        streamer.write(out_maps[key + "_scale"], scale)
+    elif digest:
+        digests[key] = streamer.write(out_map, array, digest=True)
+    else:
+        streamer.write(out_map, array)
 
 
 def _write_metadata(source: Source, directory: str, config: GLMConfig) -> None:

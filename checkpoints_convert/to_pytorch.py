@@ -5,11 +5,12 @@ exports, the tied `lm_head.weight` copy included), float16 by default, or the of
 weights (`weight` int8 + `weight_scale`, spec §1.7), sharded into N files plus an index, with
 `config.json` and the tokenizer / remote-code files. `.bin` by default, safetensors on request.
 
-Memory stays at about one tensor: each weight file is first created at its final size with holes
-(for `.bin`, `torch.save` of fake tensors under `torch.serialization.skip_data`, so the pickle is
-torch's own), preallocated on disk (a full disk fails here, cleanly, not later), then memory-mapped
-and filled tensor by tensor from slices of the stored leaves; written pages are released as soon as
-a tensor is done. Everything lands in a temporary directory renamed at the end.
+Memory stays at about one tensor and the page cache is bypassed: each weight file is written front
+to back through an aligned buffer with direct I/O (`glm_jax.converted.DirectFileWriter`). A `.bin`
+file's structure comes from torch itself: `torch.save` of fake tensors under
+`torch.serialization.skip_data` writes the zip and pickle with holes for the data; the holes are
+then filled in file order from slices of the stored leaves. Everything lands in a temporary
+directory renamed at the end.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import mmap
 import os
 import re
-from typing import Callable
+from typing import Callable, Iterator
 
 import flax.linen as nn
 import ml_dtypes
@@ -28,11 +28,13 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints_convert.arrays import transpose2d
+from checkpoints_convert.prefetch import read_ahead
 from checkpoints_convert.staging import ConversionError, output_directory
 from glm_jax import converted
 from glm_jax.config import GLMConfig, to_hf_config
 from glm_jax.hf_io import (
-    _SAFETENSORS_DTYPES, BIN_INDEX, CONFIG_FILE, SAFETENSORS_INDEX, CheckpointError, release_pages, torch_to_numpy,
+    _SAFETENSORS_DTYPES, BIN_INDEX, CONFIG_FILE, SAFETENSORS_INDEX, CheckpointError, DirectFileWriter, aligned_empty,
+    open_weight_file,
 )
 from glm_jax.hf_layout import TIED_HEAD_KEY, TensorMap, ignored_keys, is_linear_weight, tensor_maps
 from glm_jax.modeling.layers import rotary_inv_freq
@@ -46,12 +48,12 @@ _SLAB_BYTES = 64 << 20
 
 @dataclasses.dataclass(frozen=True)
 class OfficialTensor:
-    """One tensor of the exported state dict and the function that writes its values into `out`."""
+    """One tensor of the exported state dict; `produce()` yields its values as C-contiguous blocks of rows."""
 
     key: str
     shape: tuple[int, ...]
     dtype: np.dtype
-    fill: Callable[[np.ndarray], None]
+    produce: Callable[[], Iterator[np.ndarray]]
 
     @property
     def nbytes(self) -> int:
@@ -82,80 +84,76 @@ class _Producer:
     def __init__(self, reader: converted.ParamReader, stored: GLMConfig, out: GLMConfig, dtype: np.dtype):
         self.reader, self.stored, self.out, self.dtype = reader, stored, out, dtype
         self.stored_maps = {m.key: m for m in tensor_maps(stored)}
-        self._scales: dict[str, np.ndarray] = {}  # weight_scale made together with its quantized weight
+        self._quantized: dict[str, list] = {}  # weight key -> [qweight, scale, uses left]
 
     def plan(self) -> list[OfficialTensor]:
         tensors = []
         out_maps = tensor_maps(self.out)
-        embedding = out_maps[0]
         for tensor_map in out_maps:
-            if tensor_map.key.endswith(".weight_scale"):
-                tensors.append(OfficialTensor(tensor_map.key, tensor_map.shape, self.dtype, self._scale_filler(tensor_map)))
-                continue
             quantized = any(p[-1] == QKERNEL for p in tensor_map.paths)
             dtype = np.dtype(np.int8) if quantized else self.dtype
-            tensors.append(OfficialTensor(tensor_map.key, tensor_map.shape, dtype, self._filler(tensor_map)))
-        inv_freq = np.asarray(rotary_inv_freq(self.out), np.float32)
+            tensors.append(OfficialTensor(tensor_map.key, tensor_map.shape, dtype, self._producer(tensor_map)))
+        inv_freq = np.asarray(rotary_inv_freq(self.out), np.float32).astype(self.dtype)
         for key in ignored_keys(self.out):
             if key == TIED_HEAD_KEY:
                 if self.out.quantization_bit:
                     continue  # the official INT8/INT4 checkpoints store the tied embedding once
-                head = dataclasses.replace(embedding, key=key)
-                tensors.append(OfficialTensor(key, head.shape, self.dtype, self._filler(head)))
+                head = dataclasses.replace(out_maps[0], key=key)
+                tensors.append(OfficialTensor(key, head.shape, self.dtype, self._producer(head)))
             else:
-                buffer = OfficialTensor(key, inv_freq.shape, self.dtype, lambda out: out.__setitem__(..., inv_freq))
+                buffer = OfficialTensor(key, inv_freq.shape, self.dtype, lambda: iter([inv_freq]))
                 tensors.insert(_buffer_position(tensors, key), buffer)
         return tensors
 
-    def _filler(self, tensor_map: TensorMap) -> Callable[[np.ndarray], None]:
-        return lambda out: self._fill(tensor_map, out)
-
-    def _scale_filler(self, tensor_map: TensorMap) -> Callable[[np.ndarray], None]:
-        def fill(out: np.ndarray) -> None:
-            if tensor_map.key in self._scales:  # quantized here, with its weight
-                out[...] = self._scales.pop(tensor_map.key)
-            else:  # stored quantized: a leaf like any other
-                self._fill(tensor_map, out)
-        return fill
+    def _producer(self, tensor_map: TensorMap) -> Callable[[], Iterator[np.ndarray]]:
+        return lambda: self._produce(tensor_map)
 
     def _leaves(self, tensor_map: TensorMap) -> list[np.ndarray]:
         return [self.reader.read(path, tensor_map.layer) for path in tensor_map.paths]
 
-    def _fill(self, tensor_map: TensorMap, out: np.ndarray) -> None:
+    def _produce(self, tensor_map: TensorMap) -> Iterator[np.ndarray]:
         key = tensor_map.key
         stored_map = self.stored_maps.get(key)
         stored_quantized = stored_map is not None and any(p[-1] == QKERNEL for p in stored_map.paths)
         out_quantized = any(p[-1] == QKERNEL for p in tensor_map.paths)
         if _is_row_slicable(tensor_map, self.reader):
-            self._fill_by_rows(tensor_map, out)
+            (path,) = tensor_map.paths
+            rows = max(1, _SLAB_BYTES // (math.prod(tensor_map.shape[1:]) * self.dtype.itemsize))
+            for start in range(0, tensor_map.shape[0], rows):
+                yield self.reader.read(path, rows=(start, min(tensor_map.shape[0], start + rows))).astype(self.dtype, copy=False)
+        elif key.endswith(".weight_scale") and stored_map is None:  # made with its weight, quantized here
+            yield self._quantize(key[: -len("_scale")])[1].astype(self.dtype)
+        elif out_quantized and not stored_quantized:
+            yield self._quantize(key)[0]
         elif stored_quantized and not out_quantized:  # dequantize
             weight = stored_map.merge(*self._leaves(stored_map))
             scale_map = self.stored_maps[key + "_scale"]
-            scale = scale_map.merge(*self._leaves(scale_map))
-            out[...] = dequantize_official(weight, scale, self.stored.quantization_bit)
-        elif out_quantized and not stored_quantized:  # quantize with the official numerics
-            weight = stored_map.merge(*self._leaves(stored_map))
-            qweight, scale = quantize_official(weight, self.out.quantization_bit)
-            out[...] = qweight
-            self._scales[key + "_scale"] = scale
+            yield dequantize_official(weight, scale_map.merge(*self._leaves(scale_map)), self.stored.quantization_bit,
+                                      self.dtype)
         else:
+            dtype = np.dtype(np.int8) if out_quantized else self.dtype
             merged = tensor_map.merge(*self._leaves(tensor_map))
             if is_linear_weight(tensor_map) and merged.T.flags.c_contiguous:
-                transpose2d(merged.T, out=out)
+                out = aligned_empty(merged.size * dtype.itemsize).view(dtype).reshape(merged.shape)
+                yield transpose2d(merged.T, out=out)
             else:
-                out[...] = merged
+                yield np.ascontiguousarray(merged, dtype=dtype)
 
-    def _fill_by_rows(self, tensor_map: TensorMap, out: np.ndarray) -> None:
-        """An unsplit, unstacked leaf (the embedding, the tied head): copied in slabs of rows."""
-        (path,) = tensor_map.paths
-        rows = max(1, _SLAB_BYTES // max(1, out[0].nbytes))
-        for start in range(0, out.shape[0], rows):
-            stop = min(out.shape[0], start + rows)
-            out[start:stop] = self.reader.read(path, rows=(start, stop))
-            release_pages(out[start:stop])
+    def _quantize(self, weight_key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(qweight, scale) of a float weight, made once for its two official tensors (either comes first)."""
+        if weight_key not in self._quantized:
+            stored_map = self.stored_maps[weight_key]
+            weight = stored_map.merge(*self._leaves(stored_map))
+            self._quantized[weight_key] = [*quantize_official(weight, self.out.quantization_bit), 2]
+        entry = self._quantized[weight_key]
+        entry[2] -= 1
+        if not entry[2]:
+            del self._quantized[weight_key]
+        return entry[0], entry[1]
 
 
 def _is_row_slicable(tensor_map: TensorMap, reader: converted.ParamReader) -> bool:
+    """An unsplit, unstacked leaf (the embedding, the tied head): copied in slabs of rows."""
     return (tensor_map.layer is None and len(tensor_map.paths) == 1 and not is_linear_weight(tensor_map)
             and len(tensor_map.shape) == 2 and reader.leaves[tensor_map.paths[0]][0] == tensor_map.shape)
 
@@ -181,17 +179,9 @@ def _import_torch():
     return torch
 
 
-def _preallocate(path: str) -> None:
-    """Reserves the file's blocks now: a full disk fails here, not as a SIGBUS while writing the mapping."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-
-
-def _create_bin(path: str, tensors: list[OfficialTensor]) -> tuple[dict[str, np.ndarray], object]:
-    """A `torch.save`d state dict with room for `tensors`, and writable views into each of them."""
+def _bin_layout(path: str, tensors: list[OfficialTensor]) -> tuple[dict[str, int], int]:
+    """Writes the skeleton of a `torch.save`d state dict at `path` (torch's own zip and pickle, holes
+    for the data, so any torch loads the result) and returns (offset of each tensor's data, file size)."""
     torch = _import_torch()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -201,13 +191,16 @@ def _create_bin(path: str, tensors: list[OfficialTensor]) -> tuple[dict[str, np.
         fake = {t.key: torch.empty(t.shape, dtype=torch_dtypes[t.dtype]) for t in tensors}
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         torch.save(fake, path)
-    _preallocate(path)
-    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {key: torch_to_numpy(state[key]) for key in fake}, state
+    mapped = open_weight_file(path)  # mapping the holes reads nothing
+    offsets = {t.key: mapped._file_offset(mapped.tensors[t.key]) for t in tensors}
+    missing = [key for key, offset in offsets.items() if offset is None]
+    if missing:
+        raise ConversionError(f"cannot locate the data of {missing[:3]} in {path} (needs Linux /proc/self/maps)")
+    return offsets, os.path.getsize(path)
 
 
-def _create_safetensors(path: str, tensors: list[OfficialTensor]) -> tuple[dict[str, np.ndarray], object]:
+def _safetensors_layout(path: str, tensors: list[OfficialTensor]) -> tuple[dict[str, int], int]:
+    """Writes the header of a safetensors file at `path`; returns (offset of each tensor's data, file size)."""
     codes = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -217,24 +210,37 @@ def _create_safetensors(path: str, tensors: list[OfficialTensor]) -> tuple[dict[
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # 8-byte aligned data, as the reference writer does
     with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        f.truncate(8 + len(encoded) + offset)
-    _preallocate(path)
-    if offset == 0:
-        return {t.key: np.empty(t.shape, t.dtype) for t in tensors}, None
-    data = np.memmap(path, dtype=np.uint8, mode="r+", offset=8 + len(encoded), shape=(offset,))
-    views = {t.key: data[header[t.key]["data_offsets"][0]:header[t.key]["data_offsets"][1]].view(t.dtype).reshape(t.shape)
-             for t in tensors}
-    return views, data
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+    start = 8 + len(encoded)
+    return {t.key: start + header[t.key]["data_offsets"][0] for t in tensors}, start + offset
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_weight_file(path: str, tensors: list[OfficialTensor], safetensors: bool, progress: tqdm) -> None:
+    """Writes one weight file front to back: the structure bytes of its skeleton and, in file order,
+    each tensor's bytes as they are produced."""
+    offsets, size = (_safetensors_layout if safetensors else _bin_layout)(path, tensors)
+    by_offset = sorted(tensors, key=lambda t: offsets[t.key])
+    ends = [offsets[t.key] + t.nbytes for t in by_offset]
+    gaps = list(zip([0, *ends], [offsets[t.key] for t in by_offset] + [size]))
+    with open(path, "rb") as f:  # the zip / pickle / header bytes around the data (kilobytes)
+        structure = [os.pread(f.fileno(), stop - start, start) for start, stop in gaps]
+    blocks = ((i, block) for i, tensor in enumerate(by_offset) for block in [None, *tensor.produce()])
+    with DirectFileWriter(path) as out:
+        written = [0] * len(by_offset)
+        for i, block in read_ahead(blocks, lambda item: 0 if item[1] is None else item[1].nbytes):
+            tensor = by_offset[i]
+            if block is None:  # a new tensor starts: first the structure bytes before it
+                out.write(structure[i])
+                continue
+            if block.dtype != tensor.dtype:
+                raise AssertionError(f"{tensor.key}: produced {block.dtype}, declared {tensor.dtype}")
+            out.write(block)
+            written[i] += block.nbytes
+            progress.update(block.nbytes)
+        bad = [t.key for t, n in zip(by_offset, written) if n != t.nbytes]
+        if bad:
+            raise AssertionError(f"produced the wrong number of bytes for {bad[:3]}")
+        out.write(structure[-1])
 
 
 def _hf_config(src: str, stored: GLMConfig, out: GLMConfig, dtype: str) -> dict:
@@ -298,15 +304,7 @@ def export(
         with bar:
             for shard, name in enumerate(names):
                 members = [t for t, s in zip(tensors, shard_ids) if s == shard]
-                path = os.path.join(staging, name)
-                views, keep_alive = (_create_safetensors if safetensors else _create_bin)(path, members)
-                for tensor in members:
-                    out_view = views[tensor.key]
-                    tensor.fill(out_view)
-                    release_pages(out_view)
-                    bar.update(tensor.nbytes)
-                del views, keep_alive
-                _fsync(path)
+                _write_weight_file(os.path.join(staging, name), members, safetensors, bar)
         if count > 1:
             index = {"metadata": {"total_size": sum(sizes)},
                      "weight_map": {t.key: names[s] for t, s in sorted(zip(tensors, shard_ids), key=lambda p: p[0].key)}}

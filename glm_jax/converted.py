@@ -11,8 +11,9 @@ A converted directory holds
 
 `load_pretrained` restores `params/` with orbax straight into the requested sharding and dtype (each
 host reads only its shards). The writer never holds a whole leaf: a 3.7 GB stacked kernel is filled
-layer by layer and slab by slab through tensorstore, and the finished arrays are then adopted into an
-orbax checkpoint (orbax writes its own metadata), so conversion memory stays at about one tensor.
+layer by layer and chunk by chunk (whole chunks as zarr chunk files written with direct I/O, anything
+else through tensorstore), and the finished arrays are then adopted into an orbax checkpoint (orbax
+writes its own metadata), so conversion memory stays at about one tensor.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from etils import epath
 from jax.sharding import Sharding
 
 from glm_jax.config import GLMConfig
-from glm_jax.hf_io import O_DIRECT, DIRECT_ALIGN, CheckpointError, aligned_empty
+from glm_jax.hf_io import DIRECT_ALIGN, O_DIRECT, CheckpointError, aligned_empty, read_file_range
 
 PARAMS_DIR = "params"
 GLM_CONFIG_FILE = "glm_config.json"
@@ -445,7 +446,12 @@ def restore_params(
 
 
 class ParamReader:
-    """Reads slices of stored leaves (one layer, a block of rows) without restoring whole leaves."""
+    """Reads slices of stored leaves (one layer, a block of rows) without restoring whole leaves.
+
+    Leaves stored as raw zarr chunks (what `ParamWriter` writes: zarr v2, no compressor, C order)
+    are read chunk file by chunk file with direct I/O; any other orbax layout (OCDBT, zarr3,
+    compressed) goes through tensorstore.
+    """
 
     def __init__(self, path: str):
         self.leaves = stored_leaves(path)
@@ -454,23 +460,69 @@ class ParamReader:
             layout = json.load(f)
         driver = "zarr3" if layout.get("use_zarr3") else "zarr"
         context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
-        self._stores = {}
+        self._raw: dict[Path, tuple[str, tuple[int, ...]]] = {}
+        opens = {}
         for leaf in self.leaves:
             name = ".".join(leaf)
             if layout.get("use_ocdbt"):
                 kvstore = {"driver": "ocdbt", "base": f"file://{params_dir}", "path": name}
             else:
                 kvstore = {"driver": "file", "path": os.path.join(params_dir, name)}
-            self._stores[leaf] = ts.open({"driver": driver, "kvstore": kvstore}, open=True, context=context)
-        self._stores = {leaf: future.result() for leaf, future in self._stores.items()}
+                chunks = _raw_chunks(os.path.join(params_dir, name), driver, self.leaves[leaf])
+                if chunks is not None:
+                    self._raw[leaf] = (os.path.join(params_dir, name), chunks)
+            opens[leaf] = ts.open({"driver": driver, "kvstore": kvstore}, open=True, context=context)
+        self._stores = {leaf: future.result() for leaf, future in opens.items()}
 
     def read(self, leaf: Path, layer: int | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
-        store = self._stores[leaf]
+        """`leaf[layer][rows[0]:rows[1]]` (either index optional) as a NumPy array."""
+        shape, dtype = self.leaves[leaf]
+        box = [(0, n) for n in shape]
+        axis = 0
         if layer is not None:
-            store = store[layer]
+            box[0], axis = (layer, layer + 1), 1
         if rows is not None:
-            store = store[rows[0]:rows[1]]
-        return store.read().result()
+            box[axis] = rows
+        out = self._read_raw(leaf, box, dtype) if leaf in self._raw else None
+        if out is None:
+            store = self._stores[leaf][tuple(slice(a, b) for a, b in box)]
+            out = store.read().result()
+        return out[0] if layer is not None else out
+
+    def _read_raw(self, leaf: Path, box: list[tuple[int, int]], dtype: np.dtype) -> np.ndarray | None:
+        directory, chunk = self._raw[leaf]
+        ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(box, chunk)]
+        cells = list(itertools.product(*ranges))
+        out = None
+        for cell in cells:
+            path = os.path.join(directory, ".".join(map(str, cell)) or "0")
+            if not os.path.isfile(path):
+                return None  # an unwritten chunk means the fill value: leave it to tensorstore
+            data = read_file_range(path, 0, math.prod(chunk) * dtype.itemsize)
+            values = data.view(dtype).reshape(chunk)
+            origin = [i * c for i, c in zip(cell, chunk)]
+            inner = tuple(slice(max(a, o) - o, min(b, o + c) - o) for (a, b), o, c in zip(box, origin, chunk))
+            if len(cells) == 1 and all(s.stop - s.start == c for s, c in zip(inner, chunk)):
+                return values  # the request is exactly one chunk: no copy
+            if out is None:
+                out = np.empty([b - a for a, b in box], dtype)
+            target = tuple(slice(max(a, o) - a, min(b, o + c) - a) for (a, b), o, c in zip(box, origin, chunk))
+            out[target] = values[inner]
+        return out
+
+
+def _raw_chunks(directory: str, driver: str, leaf: tuple[tuple[int, ...], np.dtype]) -> tuple[int, ...] | None:
+    """The chunk shape of a zarr v2 array whose chunk files are plain C-order bytes, else None."""
+    try:
+        with open(os.path.join(directory, ".zarray"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    shape, _ = leaf
+    plain = (driver == "zarr" and meta.get("compressor") is None and not meta.get("filters")
+             and meta.get("order", "C") == "C" and meta.get("dimension_separator", ".") == "."
+             and tuple(meta.get("shape", ())) == tuple(shape) and not str(meta.get("dtype", "")).startswith(">"))
+    return tuple(meta["chunks"]) if plain and meta.get("chunks") else None
 
 
 __all__ = [

@@ -6,17 +6,15 @@ bfloat16 and int8 tensors work too). Every failure names the file or key at faul
 
 Tensors come out as zero-copy NumPy views of the memory-mapped file: opening a 2 GB shard costs
 nothing, and only the bytes a caller touches are read. Pages a process has touched count in its
-resident memory until unmapped, so streaming readers call `WeightFile.release` after each tensor
-(and `prefetch` before the next) to keep memory at one tensor instead of one shard.
+resident memory until unmapped, so streaming readers use `WeightFile.read` instead, which copies one
+tensor (or a block of its rows) into private memory with direct reads, bypassing the page cache.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import json
-import mmap
 import os
 import struct
 from typing import Iterator
@@ -79,8 +77,8 @@ def weight_files(directory: str) -> dict[str, list[str] | None]:
 class WeightFile:
     """The tensors of one weight file as lazy views, in the order their bytes lie in the file.
 
-    `mapped` is True when the views live in a read-only file mapping; only then may pages be
-    released (on ordinary memory `MADV_DONTNEED` would zero the data, so it is never used there).
+    `mapped` is True when the views live in a file mapping (False for legacy, non-zip torch files,
+    which torch loads into memory).
     """
 
     path: str
@@ -88,13 +86,17 @@ class WeightFile:
     mapped: bool
     _regions: list[tuple[int, int, int]] | None = dataclasses.field(default=None, repr=False)
 
-    def read(self, key: str) -> np.ndarray:
-        """An in-memory copy of `key`, read from the file with large direct reads (`read_file_range`).
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """An in-memory copy of `key` (or of its rows `[rows[0], rows[1])`), read from the file with
+        large direct reads (`read_file_range`).
 
         Leaves no mapped pages behind and runs without the GIL, so a background thread can read
-        ahead while the caller computes.
+        ahead while the caller computes. (Where the file offset is unknown - no /proc/self/maps -
+        it copies through the mapping instead.)
         """
         view = self.tensors[key]
+        if rows is not None:
+            view = view[rows[0]:rows[1]]
         offset = self._file_offset(view) if self.mapped and view.flags.c_contiguous and view.nbytes else None
         if offset is None:
             return np.array(view)
@@ -113,22 +115,6 @@ class WeightFile:
                 return address - start + offset
         return None
 
-    def release(self, key: str) -> None:
-        """Drops the pages of `key` from this process's memory (they stay in the page cache)."""
-        self.release_view(self.tensors[key])
-
-    def release_view(self, view: np.ndarray) -> None:
-        """Like `release`, for a view into one of this file's tensors (e.g. a block of rows)."""
-        if self.mapped:
-            release_pages(view)
-
-    def prefetch(self, key: str) -> None:
-        """Asks the kernel to start reading `key` from disk in the background."""
-        if self.mapped:
-            _madvise(self.tensors[key], getattr(mmap, "MADV_WILLNEED", None))
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 
 # Direct I/O (O_DIRECT) moves data between the disk and our buffers without the page cache. On
 # shared VMs the page cache path costs more CPU than the copy itself (~1.4 s of kernel time per GB
@@ -172,6 +158,73 @@ def read_file_range(path: str, offset: int, nbytes: int) -> np.ndarray:
     return buffer[start:min(start + nbytes, done)]
 
 
+class DirectFileWriter:
+    """Writes a file front to back through an aligned buffer, with direct I/O where the file system
+    allows it (see DIRECT_ALIGN); the file ends up exactly as long as what was written."""
+
+    def __init__(self, path: str, buffer_bytes: int = 64 << 20):
+        self.path = path
+        self._buffer = aligned_empty(buffer_bytes)
+        self._filled = self._offset = 0
+        self._direct = bool(O_DIRECT)
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        flags = os.O_WRONLY | os.O_CREAT
+        if self._direct:
+            try:
+                return os.open(self.path, flags | O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._direct = False
+        return os.open(self.path, flags)
+
+    def write(self, data: np.ndarray | bytes | memoryview) -> None:
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else \
+            np.frombuffer(data, np.uint8)
+        while raw.size:
+            n = min(raw.size, self._buffer.size - self._filled)
+            self._buffer[self._filled:self._filled + n] = raw[:n]
+            self._filled += n
+            raw = raw[n:]
+            if self._filled == self._buffer.size:
+                self._flush(self._filled)
+
+    def _flush(self, nbytes: int) -> None:
+        view, done = memoryview(self._buffer[:nbytes]), 0
+        while done < nbytes:
+            try:
+                done += os.pwrite(self._fd, view[done:], self._offset + done)
+            except OSError as e:
+                if not self._direct or e.errno != errno.EINVAL:
+                    raise
+                os.close(self._fd)  # direct writes refused after all: go through the page cache
+                self._direct = False
+                self._fd = self._open()
+        self._offset += nbytes
+        self._filled = 0
+
+    def close(self) -> None:
+        """Writes the tail (padded for direct I/O, then truncated), syncs and closes the file."""
+        size = self._offset + self._filled
+        padded = -(-self._filled // DIRECT_ALIGN) * DIRECT_ALIGN
+        self._buffer[self._filled:padded] = 0
+        self._flush(padded)
+        os.ftruncate(self._fd, size)
+        os.fdatasync(self._fd)
+        os.close(self._fd)
+
+    def __enter__(self) -> "DirectFileWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            os.close(self._fd)
+
+
 def _read_fully(fd: int, buffer: np.ndarray, offset: int) -> int:
     view, done = memoryview(buffer), 0
     while done < len(view):
@@ -196,24 +249,6 @@ def _mapped_regions(path: str) -> list[tuple[int, int, int]]:
     except OSError:
         pass
     return regions
-
-
-def release_pages(view: np.ndarray) -> None:
-    """Unmaps the pages under `view` from this process (`MADV_DONTNEED`); a later access re-reads them.
-
-    Only for views of a *file* mapping (read-only, or shared: written pages stay in the page cache and
-    reach the file): on ordinary memory the data would be lost.
-    """
-    _madvise(view, getattr(mmap, "MADV_DONTNEED", None))
-
-
-def _madvise(array: np.ndarray, advice: int | None) -> None:
-    if _LIBC is None or advice is None or array.nbytes == 0:
-        return
-    low, high = np.lib.array_utils.byte_bounds(array)
-    begin = low - low % mmap.PAGESIZE
-    end = -(-high // mmap.PAGESIZE) * mmap.PAGESIZE
-    _LIBC.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), ctypes.c_int(advice))
 
 
 def open_weight_file(path: str) -> WeightFile:
