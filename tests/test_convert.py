@@ -7,6 +7,7 @@ written from spec §1.7 (`test_quantization.reference_unpack`).
 
 import json
 import os
+import shutil
 
 import jax
 import ml_dtypes
@@ -139,12 +140,15 @@ def test_converted_model_matches_golden_logits(ours, cases6b, case):
     np.testing.assert_allclose(logits(model, params, ids), cases6b[f"{case}/logits"], atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("layout", ["safetensors_2_shards", "single_bin"])
+@pytest.mark.parametrize("layout", ["safetensors_2_shards", "single_safetensors", "single_bin"])
 def test_every_official_layout_converts_to_the_same_params(ours, tmp_path, layout):
     official = str(tmp_path / "official")
     if layout == "single_bin":
         export(ours, official, num_shards=1, progress=False)
         assert sorted(os.listdir(official)) == ["config.json", "pytorch_model.bin"]
+    elif layout == "single_safetensors":
+        export(ours, official, num_shards=1, safetensors=True, progress=False)
+        assert sorted(os.listdir(official)) == ["config.json", "model.safetensors"]
     else:
         export(ours, official, num_shards=2, safetensors=True, progress=False)
         assert "model.safetensors.index.json" in os.listdir(official)
@@ -162,6 +166,40 @@ def test_small_chunks_and_slab_streaming_give_the_same_params(ours, golden_dir, 
         assert json.load(f)["chunks"] == [375, 4]  # rows halved while even (1500 -> 375), then columns
     for got, want in zip(jax.tree.leaves(stock_orbax_params(tmp_path / "small")), jax.tree.leaves(stock_orbax_params(ours))):
         np.testing.assert_array_equal(got, want)
+
+
+def test_tokenizer_and_remote_code_files_travel_both_ways(golden_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(golden_dir, src)
+    extra = {"ice_text.model": b"\x00sentencepiece\xff", "tokenizer_config.json": b'{"do_lower_case": false}',
+             "modeling_chatglm.py": b"# remote code\n"}
+    for name, data in extra.items():
+        (src / name).write_bytes(data)
+    convert(str(src), str(tmp_path / "ours"), progress=False)
+    export(str(tmp_path / "ours"), str(tmp_path / "hf"), progress=False)
+    for name, data in extra.items():
+        assert (tmp_path / "ours" / name).read_bytes() == data
+        assert (tmp_path / "hf" / name).read_bytes() == data
+
+
+def test_export_dtype_float32_widens_exactly(ours, golden_dir, tmp_path):
+    export(ours, str(tmp_path / "hf32"), dtype="float32", progress=False)
+    state, golden = read_state(tmp_path / "hf32"), read_state(golden_dir)
+    assert sorted(state) == sorted(golden)
+    for key, value in golden.items():
+        assert state[key].dtype == np.float32, key
+        np.testing.assert_array_equal(state[key], value.astype(np.float32))
+    assert json.load(open(tmp_path / "hf32" / "config.json"))["torch_dtype"] == "float32"
+
+
+def test_chatglm2_round_trip_and_logits(golden2, cases2, tmp_path):
+    source = str(golden2 / "checkpoint")
+    convert(source, str(tmp_path / "ours"), progress=False)
+    export(str(tmp_path / "ours"), str(tmp_path / "hf"), num_shards=2, progress=False)
+    assert_same_tensors(read_state(source), read_state(tmp_path / "hf"))
+    model, params = load_pretrained(str(tmp_path / "ours"))
+    ids = cases2["a_single/input_ids"]
+    np.testing.assert_allclose(logits(model, params, ids), cases2["a_single/logits"], atol=1e-4, rtol=1e-4)
 
 
 def test_dtype_flag_casts_every_float_leaf(golden_dir, hf_params, tmp_path):
