@@ -10,6 +10,7 @@ ends the run with one `glm-convert: error: ...` line and exit status 1, and noth
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
@@ -78,6 +79,9 @@ def main(argv: list[str]) -> None:
 
     if FLAGS.distributed:
         jax.distributed.initialize()
+    # The objects of JAX, Flax and torch loaded so far live until exit; freezing them keeps the cyclic
+    # garbage collector from walking them again and again while tensors stream (~6% of the CPU time).
+    gc.freeze()
     start = time.perf_counter()
     try:
         if FLAGS.to == "jax":
