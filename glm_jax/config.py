@@ -111,6 +111,7 @@ class GLMConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives lists
+        object.__setattr__(self, "extra_stop_token_ids", tuple(self.extra_stop_token_ids))  # hashable, as above
         problems = []
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
