@@ -83,10 +83,12 @@ def main(argv: list[str]) -> None:
     print(f"\n== checkpoint step {step}: final loss {final:.3f} nats/token (first logged {losses[0]:.3f}); "
           f"unigram baseline {baseline:.3f}; ratio {final / baseline:.2f}. Loss curve: {png}")
 
-    print("\n== [MASK] blank infilling (greedy, repetition penalty 1.2)")
+    print("\n== [MASK] blank infilling (greedy with repetition penalty 1.2, then sampled)")
     for text, truth in INFILL:
-        filled = fill_blanks_text(model, params, tokenizer, text, max_new_tokens=12, repetition_penalty=1.2)
-        print(f"  prompt: {text}\n  filled: {filled}\n  corpus: {truth!r}\n")
+        greedy = fill_blanks_text(model, params, tokenizer, text, max_new_tokens=12, repetition_penalty=1.2)
+        sampled = fill_blanks_text(model, params, tokenizer, text, max_new_tokens=12, do_sample=True, top_p=0.8,
+                                   temperature=0.8, seed=0)
+        print(f"  prompt:  {text}\n  greedy:  {greedy}\n  sampled: {sampled}\n  corpus:  {truth!r}\n")
 
     print("== [gMASK] continuation (greedy with repetition penalty 1.2, then sampled)")
     prompts = [tokenizer.encode(p) for p in CONTINUE]
