@@ -272,10 +272,10 @@ PRESETS: dict[str, Any] = {
 
 
 def preset(name: str, **overrides: Any) -> GLMConfig:
-    """A named configuration, optionally with fields replaced."""
+    """A named configuration, optionally with fields replaced (any field, the preset's own included)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
+    return PRESETS[name]().replace(**overrides)
 
 
 def from_hf_config(hf: dict[str, Any], **overrides: Any) -> GLMConfig:

@@ -36,5 +36,6 @@ def test_dict_round_trip_and_validation():
         GLMConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
         cfg.replace(num_kv_heads=3)
+    assert preset("chatglm-tiny", vocab_size=2000).vocab_size == 2000  # a preset's own fields can be overridden
     with pytest.raises(ValueError, match="unknown preset"):
         preset("gpt-2")
