@@ -2,7 +2,7 @@
 
 One compiled program does everything for `generate`: it left-pads the prompts into a bucket of
 length `P`, runs the prompt through the model with `decode=True` (which writes keys/values into a
-cache of `P + N` slots), then runs a `lax.while_loop` that feeds one token per step until every row
+cache of `P + N - 1` slots for `N` new tokens), then runs a `lax.while_loop` that feeds one token per step until every row
 has stopped or `max_new_tokens` is reached. The host sees only the finished token buffer. Streaming
 (`stream_generate`) reuses the same pieces as two programs (prefill, then "decode until step s") so
 that the host can read tokens between steps.
