@@ -16,6 +16,7 @@ arrays inside `jit` (the model dequantizes inside its matmul).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -125,17 +126,67 @@ def dequantize_official(weight: np.ndarray, weight_scale: np.ndarray, bits: int,
     return np.ascontiguousarray(dequantize_kernel(np.asarray(weight).T, weight_scale, bits, dtype=dtype).T)
 
 
+# Weight-only matmuls of at most this many activation rows (batch x tokens: decoding) take the tiled
+# path on CPU; more rows (prefill) amortise one dequantized copy of the weight over many rows.
+TILED_MAX_ROWS = 16
+# Weights dequantized per tile on the tiled path: 2^17 values = 512 KiB of float32, which stays in a
+# core's L2 cache between the conversion and the dot that reads it.
+TILE_VALUES = 1 << 17
+
+
 def quantized_dot(x: jax.Array, qkernel: jax.Array, qscale: jax.Array, bits: int, in_dims: int, dtype: Any) -> jax.Array:
     """`x · dequantize(qkernel, qscale)` contracting the last `in_dims` axes of `x`, float32 result.
 
     The scale is per output feature, so it is applied after the matmul: `(x · q) * scale` equals
     `x · (q * scale)` up to float rounding, and the int values (|q| <= 127) are exact in every float
     dtype, including bfloat16.
+
+    XLA's CPU dots read float32 operands only: a dequantized weight is written out in full and read
+    back (more bytes than the float32 weight itself), so on CPU a few rows (decoding) go through
+    `_tiled_dot`, which dequantizes tile by tile into the cache. Other backends fuse the int8
+    conversion into their matmul and take the plain path.
     """
-    values = unpack_kernel(qkernel, bits, in_dims).astype(dtype)
-    contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
-    y = jax.lax.dot_general(x.astype(dtype), values, (contract, ((), ())), preferred_element_type=jnp.float32)
+    rows = math.prod(x.shape[:x.ndim - in_dims])
+    if rows <= TILED_MAX_ROWS and jax.default_backend() == "cpu":
+        y = _tiled_dot(x.astype(dtype), qkernel, bits, in_dims)
+    else:
+        values = unpack_kernel(qkernel, bits, in_dims).astype(dtype)
+        contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
+        y = jax.lax.dot_general(x.astype(dtype), values, (contract, ((), ())), preferred_element_type=jnp.float32)
     return y * qscale.astype(jnp.float32)
+
+
+def _tiled_dot(x: jax.Array, qkernel: jax.Array, bits: int, in_dims: int) -> jax.Array:
+    """`x · unpack(qkernel)` (no scale) as a loop over tiles of input rows, each converted to float32
+    just before its dot (`x` already rounded to the compute dtype; float32 math, as XLA's CPU dot
+    does for every dtype).
+
+    INT4 is never interleaved back: packed row j holds input rows 2j (high nibble) and 2j+1 (low
+    nibble), so the tile's high and low nibbles meet the even and odd input columns in two dots.
+    """
+    lead, out_shape = x.shape[:x.ndim - in_dims], qkernel.shape[in_dims:]
+    packed = qkernel.reshape(-1, math.prod(out_shape))
+    rows, cols = packed.shape
+    tile = _largest_divisor(rows, max(1, TILE_VALUES // cols))
+    tiles = packed.reshape(rows // tile, tile, cols)
+    x = x.astype(jnp.float32).reshape(-1, rows * 8 // bits)
+    parts = (x,) if bits == 8 else (x[:, 0::2], x[:, 1::2])
+    parts = tuple(p.reshape(p.shape[0], rows // tile, tile).transpose(1, 0, 2) for p in parts)
+
+    def step(acc: jax.Array, inputs: tuple) -> tuple[jax.Array, None]:
+        q, *xs = inputs
+        weights = (q,) if bits == 8 else (q >> 4, (q << 4) >> 4)
+        for xt, w in zip(xs, weights):
+            acc = acc + jnp.dot(xt, w.astype(jnp.float32), preferred_element_type=jnp.float32)
+        return acc, None
+
+    acc = jnp.zeros((x.shape[0], cols), jnp.float32)
+    acc, _ = jax.lax.scan(step, acc, (tiles, *parts))
+    return acc.reshape(*lead, *out_shape)
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 def _linear_in_dims(path: tuple[str, ...]) -> int:

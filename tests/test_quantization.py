@@ -5,6 +5,8 @@ official `QuantizedLinear` arithmetic replayed with torch float16 ops (the same 
 `quantization.py`, CPU instead of CUDA).
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -112,14 +114,17 @@ def test_kernel_layout_is_the_transposed_official_layout(weight, bits):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_linear_applies_the_dequantized_weight(bits):
+@pytest.mark.parametrize("lead", [(2, 3), (4, 5)])  # 6 rows: tiled CPU path; 20 rows: dequantize-then-dot
+@pytest.mark.parametrize("tile_values", [q.TILE_VALUES, 48])  # one tile; several tiles of 3 packed rows
+def test_quantized_linear_applies_the_dequantized_weight(bits, lead, tile_values, monkeypatch):
     """The model's quantized Linear equals x @ dequantize(W) + b computed in float64 NumPy."""
+    monkeypatch.setattr(q, "TILE_VALUES", tile_values)
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((2, 3, 4, 8)).astype(np.float32)  # in_dims=2: [heads=4, head_dim=8]
+    x = rng.standard_normal((*lead, 4, 12)).astype(np.float32)  # in_dims=2: [heads=4, head_dim=12]
     layer = Linear((16,), ("heads", "head_dim", "embed"), in_dims=2, quantization_bit=bits)
     params = nn.unbox(layer.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"])
-    assert params["qkernel"].shape == (4, 8 * bits // 8, 16) and params["qkernel"].dtype == jnp.int8
-    kernel = rng.standard_normal((4, 8, 16)).astype(np.float32)
+    assert params["qkernel"].shape == (4, 12 * bits // 8, 16) and params["qkernel"].dtype == jnp.int8
+    kernel = rng.standard_normal((4, 12, 16)).astype(np.float32)
     qkernel, scale = q.quantize_kernel(kernel, bits, in_dims=2)
     bias = rng.standard_normal(16).astype(np.float32)
     params = {"qkernel": qkernel, "qscale": scale.astype(np.float32), "bias": bias}
@@ -127,6 +132,61 @@ def test_quantized_linear_applies_the_dequantized_weight(bits):
     w = q.unpack_kernel(qkernel, bits, in_dims=2).astype(np.float64) * scale.astype(np.float64)
     expected = np.einsum("bshd,hde->bse", x.astype(np.float64), w) + bias
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def materialised_float_buffers(hlo_text: str, min_elements: int) -> list[str]:
+    """Float arrays of at least `min_elements` that a compiled program writes to memory: results of
+    instructions outside fused computations (fusion internals stay in registers), parameters and
+    aliases (tuple / get-tuple-element / bitcast) excluded."""
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+        elif current is not None and line.startswith("  "):
+            current.append(line)
+    fused = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo_text))
+    found = []
+    for name, lines in computations.items():
+        if name in fused:
+            continue
+        for line in lines:
+            m = re.match(r"\s*(?:ROOT )?%(\S+) = (f32|bf16|f16)\[([\d,]*)\]\S* ([\w\-]+)\(", line)
+            if m and m.group(4) not in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
+                size = int(np.prod([int(d) for d in m.group(3).split(",") if d]))
+                if size >= min_elements:
+                    found.append(f"{m.group(1)}: {m.group(2)}[{m.group(3)}] {m.group(4)}")
+    return found
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_step_never_writes_a_dequantized_weight(bits, monkeypatch):
+    """One compiled decode step of an INT8/INT4 model: every float buffer it writes is far smaller than
+    any of its weights (dequantization happens tile by tile, inside the cache), while the same step
+    with the untiled dequantize-then-dot path does write whole float weights (the check can fail)."""
+    from glm_jax.config import preset
+    from glm_jax.modeling.transformer import GLMForCausalLM
+
+    config = preset("chatglm-tiny", quantization_bit=bits)
+    model = GLMForCausalLM(config)
+    cache_len = 8
+    ids, positions = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 2, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1, cache_len), bool)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, cache_len), jnp.int32),
+                                                  jnp.zeros((1, 2, cache_len), jnp.int32),
+                                                  jnp.ones((1, 1, cache_len, cache_len), bool), decode=True))
+    params, cache = nn.unbox(variables["params"]), variables["cache"]
+
+    def step(params, cache):
+        return model.apply({"params": params, "cache": cache}, ids, positions, mask, decode=True, mutable=["cache"])
+
+    smallest_weight = config.hidden_size * config.hidden_size
+    monkeypatch.setattr(q, "TILE_VALUES", smallest_weight // 16)
+    tiled = jax.jit(step).lower(params, cache).compile().as_text()
+    assert materialised_float_buffers(tiled, smallest_weight // 4) == []
+    monkeypatch.setattr(q, "TILED_MAX_ROWS", 0)
+    untiled = jax.jit(lambda p, c: step(p, c)).lower(params, cache).compile().as_text()  # traced anew
+    assert len(materialised_float_buffers(untiled, smallest_weight)) >= 4  # q, k, v, dense, up, down
 
 
 def test_quantize_params_replaces_only_the_official_linears():
