@@ -7,13 +7,17 @@ matters for code and chat transcripts, so the text is rewritten first: ``\\n`` -
 model. Decoding undoes the rewrite. Special ids are read from the model by piece name, so the same
 code serves the real vocabulary and small test vocabularies.
 
-ChatGLM2/3 differ (specials appended after the SentencePiece vocabulary and *prefixed* to the
-prompt, no whitespace rewrite); they would be a separate class, not options of this one.
+ChatGLM2/3 and GLM-4 differ (specials appended after the base vocabulary and *prefixed* to the
+prompt, no whitespace rewrite; GLM-4 is byte-level BPE): they are the separate classes at the end
+(spec §2.4), not options of this one.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -74,20 +78,26 @@ def postprocess(text: str) -> str:
     return _DECODE_PATTERN.sub(lambda m: _DECODE_MAP[m.group()], text)
 
 
+def _load_sentencepiece(path: str) -> spm.SentencePieceProcessor:
+    """A loaded SentencePiece model, or one clear error naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"SentencePiece model not found: {path!r} (for a directory use from_pretrained)"
+        )
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path!r} is not a SentencePiece model: {e}") from e
+    return sp
+
+
 class ChatGLMTokenizer:
     """ChatGLM-6B tokenizer: whitespace rewrite + SentencePiece + ``[gMASK] <sop>`` suffix."""
 
     def __init__(self, model_file: str | os.PathLike[str]) -> None:
         path = os.fspath(model_file)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"SentencePiece model not found: {path!r} (for a directory use from_pretrained)"
-            )
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.Load(path)
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path!r} is not a SentencePiece model: {e}") from e
+        self._sp = _load_sentencepiece(path)
         for piece in _SPECIAL_PIECES + _WHITESPACE_PIECES:
             if self._sp.PieceToId(piece) == self._sp.unk_id():
                 raise ValueError(f"SentencePiece model {path!r} lacks the required piece {piece!r}")
@@ -253,3 +263,294 @@ def train_chatglm_sentencepiece(
             f.write(data)
         os.replace(tmp, path)
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# ChatGLM2 / ChatGLM3 / GLM-4 (spec §2.4): special ids appended after the base vocabulary and
+# *prefixed* to every sequence; no whitespace rewrite.
+
+CHATGLM2_VOCAB_FILE = "tokenizer.model"
+GLM4_VOCAB_FILE = "tokenizer.model"
+CHATGLM2_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+CHATGLM3_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+GLM4_SPECIAL_TOKENS = (
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+    "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+    "<|begin_of_video|>", "<|end_of_video|>",
+)
+# GLM-4's pre-tokenizer (cl100k family): text is cut into these chunks before byte-level BPE.
+GLM4_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class _AppendedSpecialsTokenizer:
+    """Shared logic of the v2+ tokenizers: a base vocabulary of ``base_size`` ids followed by
+    named special ids, and the ``[gMASK] sop`` prefix. Text is never scanned for special names, so
+    user text cannot forge a role or control token; specials enter only through the builders."""
+
+    special_names: tuple[str, ...] = ()
+    gmask_name = "[gMASK]"
+    sop_name = "sop"
+
+    def _setup_specials(self, base_size: int) -> None:
+        self.base_size = base_size
+        self.special_ids = {name: base_size + i for i, name in enumerate(self.special_names)}
+        self._special_names_by_id = {i: name for name, i in self.special_ids.items()}
+
+    def _encode_text(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode_text(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """Base vocabulary plus the appended specials (the model's embedding may be larger)."""
+        return self.base_size + len(self.special_names)
+
+    @property
+    def gmask_token_id(self) -> int:
+        return self.special_ids[self.gmask_name]
+
+    @property
+    def sop_token_id(self) -> int:
+        return self.special_ids[self.sop_name]
+
+    def get_command(self, name: str) -> int:
+        """Id of the special token ``name`` (e.g. ``"<|user|>"``)."""
+        if name not in self.special_ids:
+            raise ValueError(f"unknown special token {name!r}; known: {', '.join(self.special_names)}")
+        return self.special_ids[name]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of ``text``; with ``add_special_tokens`` prefixed with ``[gMASK] sop``."""
+        ids = self._encode_text(text)
+        return self.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """:meth:`encode` for many texts, unpadded."""
+        return [self.encode(t, add_special_tokens) for t in texts]
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: Sequence[int], token_ids_1: Sequence[int] | None = None
+    ) -> list[int]:
+        """``[gMASK] sop a``, or ``[gMASK] sop a b eos`` for a training pair."""
+        ids = [self.gmask_token_id, self.sop_token_id, *token_ids_0]
+        if token_ids_1 is not None:
+            ids += [*token_ids_1, self.eos_token_id]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``. Specials (and the pad id) are dropped, or written by name when
+        ``skip_special_tokens`` is false; the base ids between them are decoded together so that
+        characters split over several byte tokens come out whole."""
+        text, run = [], []
+        for i in map(int, ids):
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+            if i < self.base_size and not (skip_special_tokens and i == self.pad_token_id):
+                run.append(i)
+            elif i >= self.base_size:
+                text.append(self._decode_text(run))
+                run = []
+                if not skip_special_tokens:
+                    text.append(self._special_names_by_id[i])
+        text.append(self._decode_text(run))
+        return "".join(text)
+
+    @property
+    def eos_token_id(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pad_token_id(self) -> int:
+        raise NotImplementedError
+
+
+class ChatGLM2Tokenizer(_AppendedSpecialsTokenizer):
+    """ChatGLM2-6B tokenizer: plain SentencePiece ``tokenizer.model`` + ``[MASK] [gMASK] [sMASK]
+    sop eop`` appended after its pieces. bos/eos are SentencePiece's ``<s>``/``</s>``, pad its
+    ``<unk>``; generation stops at eos."""
+
+    special_names = CHATGLM2_SPECIAL_TOKENS
+
+    def __init__(self, model_file: str | os.PathLike[str]) -> None:
+        path = os.fspath(model_file)
+        self._sp = _load_sentencepiece(path)
+        if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
+            raise ValueError(f"SentencePiece model {path!r} has no <s> / </s> piece")
+        self.model_file = path
+        self._setup_specials(self._sp.GetPieceSize())
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]):
+        """Load from a model file or a checkpoint directory holding ``tokenizer.model``."""
+        path = os.fspath(path)
+        return cls(os.path.join(path, CHATGLM2_VOCAB_FILE) if os.path.isdir(path) else path)
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id,)
+
+    def tokenize(self, text: str) -> list[str]:
+        """Pieces of ``text`` without special tokens."""
+        return self._sp.EncodeAsPieces(text)
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self._sp.EncodeAsIds(text)
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self._sp.DecodeIds(ids) if ids else ""
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | list[str]:
+        """Id -> piece or special name."""
+        if isinstance(ids, Iterable):
+            return [self.convert_ids_to_tokens(i) for i in ids]
+        i = int(ids)
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+        return self._special_names_by_id[i] if i >= self.base_size else self._sp.IdToPiece(i)
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        """Piece or special name -> id. Unknown pieces raise instead of mapping to ``<unk>``."""
+        if not isinstance(tokens, str):
+            return [self.convert_tokens_to_ids(t) for t in tokens]
+        if tokens in self.special_ids:
+            return self.special_ids[tokens]
+        i = self._sp.PieceToId(tokens)
+        if i == self._sp.unk_id() and tokens != self._sp.IdToPiece(i):
+            raise ValueError(f"unknown token {tokens!r}")
+        return i
+
+
+class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
+    """ChatGLM3-6B tokenizer: ChatGLM2's plus the role tokens appended after ``eop``; chat input
+    is built from role-tagged messages and generation also stops at ``<|user|>``/``<|observation|>``."""
+
+    special_names = CHATGLM2_SPECIAL_TOKENS + CHATGLM3_ROLE_TOKENS
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id, self.get_command("<|user|>"), self.get_command("<|observation|>"))
+
+    def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
+        """``<|role|>`` + encode(metadata + "\\n") + encode(message), as the official code does
+        (two separate encodes, so the newline never merges with the message)."""
+        return [self.get_command(f"<|{role}|>"), *self._encode_text(f"{metadata}\n"), *self._encode_text(message)]
+
+    def build_chat_input(
+        self, query: str, history: Sequence[dict] = (), role: str = "user"
+    ) -> list[int]:
+        """``[gMASK] sop`` + every message of ``history`` (dicts with ``role``, ``content`` and
+        optional ``metadata``; a system message's ``tools`` are appended as JSON) + the query as a
+        ``role`` message + ``<|assistant|>``."""
+        ids: list[int] = []
+        for item in history:
+            content = item["content"]
+            if item["role"] == "system" and "tools" in item:
+                content += "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
+            ids += self.build_single_message(item["role"], item.get("metadata", ""), content)
+        ids += self.build_single_message(role, "", query)
+        ids.append(self.get_command("<|assistant|>"))
+        return self.build_inputs_with_special_tokens(ids)
+
+
+def read_glm4_ranks(path: str) -> dict[bytes, int]:
+    """``tokenizer.model`` of GLM-4: one ``base64(token) rank`` per line; ranks must be 0..n-1
+    (the specials' ids start right after them)."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+                if len(parts) != 2:
+                    raise ValueError("expected two fields")
+            except (ValueError, IndexError, binascii.Error) as e:
+                raise ValueError(f"{path!r} line {number}: not 'base64(token) rank': {e}") from e
+            if token in ranks:
+                raise ValueError(f"{path!r} line {number}: token {token!r} appears twice")
+            ranks[token] = rank
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path!r}: ranks are not exactly 0..{len(ranks) - 1}")
+    return ranks
+
+
+class GLM4Tokenizer(_AppendedSpecialsTokenizer):
+    """GLM-4-9B tokenizer: byte-level BPE (``tiktoken``) over the cl100k-family pre-tokenizer,
+    specials from ``<|endoftext|>`` on appended after the ranks. ``<|endoftext|>`` is eos and pad."""
+
+    special_names = GLM4_SPECIAL_TOKENS
+    sop_name = "<sop>"
+
+    def __init__(self, model_file: str | os.PathLike[str]) -> None:
+        import tiktoken
+
+        path = os.fspath(model_file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GLM-4 tokenizer file not found: {path!r}")
+        ranks = read_glm4_ranks(path)
+        self._bpe = tiktoken.Encoding(name="glm4", pat_str=GLM4_PATTERN, mergeable_ranks=ranks, special_tokens={})
+        self._tokens = {rank: token for token, rank in ranks.items()}
+        self.model_file = path
+        self._setup_specials(len(ranks))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]):
+        """Load from a rank file or a checkpoint directory holding ``tokenizer.model``."""
+        path = os.fspath(path)
+        return cls(os.path.join(path, GLM4_VOCAB_FILE) if os.path.isdir(path) else path)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.get_command("<|endoftext|>")
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.get_command("<|endoftext|>")
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id, self.get_command("<|user|>"), self.get_command("<|observation|>"))
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self._bpe.encode_ordinary(text)
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return b"".join(self._tokens[i] for i in ids).decode("utf-8", errors="replace")
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> bytes | str | list[bytes | str]:
+        """Id -> token bytes, or the special's name."""
+        if isinstance(ids, Iterable):
+            return [self.convert_ids_to_tokens(i) for i in ids]
+        i = int(ids)
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+        return self._special_names_by_id[i] if i >= self.base_size else self._tokens[i]
+
+    def build_chat_input(self, query: str, history: Sequence[dict] = (), role: str = "user") -> list[int]:
+        """The chat template's ids: ``[gMASK]<sop>`` + ``<|role|>{metadata}\\n{content}`` per message
+        (the text after the role token is one chunk, as when the rendered template is tokenized)
+        + the query as a ``role`` message + ``<|assistant|>``."""
+        ids: list[int] = []
+        for item in [*history, {"role": role, "content": query}]:
+            ids.append(self.get_command(f"<|{item['role']}|>"))
+            ids += self._encode_text(f"{item.get('metadata', '')}\n{item['content']}")
+        ids.append(self.get_command("<|assistant|>"))
+        return self.build_inputs_with_special_tokens(ids)
