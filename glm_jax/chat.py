@@ -16,7 +16,7 @@ its beginning is cut off (the end of the question is kept). Nothing raises for l
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from glm_jax.generation import generate, stream_generate
@@ -43,6 +43,24 @@ def build_prompt(query: str, history: Sequence[tuple[str, str]] = ()) -> str:
         return query
     prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
     return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+def build_prompt_chatglm2(query: str, history: Sequence[tuple[str, str]] = ()) -> str:
+    """ChatGLM2 prompt (spec §2.4): 1-based `[Round k]` turns, header present even without history."""
+    turns = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history, start=1))
+    return turns + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+
+
+PromptBuilder = Callable[[str, Sequence[tuple[str, str]]], str]
+# ChatGLM3 and GLM-4 chat with role tokens instead (their tokenizers' `build_chat_input`).
+_PROMPT_BUILDERS: dict[str, PromptBuilder] = {"chatglm": build_prompt, "chatglm2": build_prompt_chatglm2}
+
+
+def prompt_builder(family: str) -> PromptBuilder:
+    """The text prompt format of a model family (`GLMConfig.family`)."""
+    if family not in _PROMPT_BUILDERS:
+        raise ValueError(f"no text chat prompt format for model family {family!r} (known: {', '.join(_PROMPT_BUILDERS)})")
+    return _PROMPT_BUILDERS[family]
 
 
 def process_response(text: str) -> str:
@@ -113,18 +131,19 @@ class ResponseStream:
 
 
 def fit_prompt(
-    tokenizer: ChatGLMTokenizer, query: str, history: Sequence[tuple[str, str]], budget: int
+    tokenizer: ChatGLMTokenizer, query: str, history: Sequence[tuple[str, str]], budget: int,
+    build: PromptBuilder = build_prompt,
 ) -> tuple[list[int], History]:
     """Prompt ids of at most `budget` tokens, and the history actually used (oldest rounds
     dropped first; with no history left, the query's beginning is cut off)."""
     kept = [(str(q), str(r)) for q, r in history]
     while True:
-        ids = tokenizer.encode(build_prompt(query, kept))
+        ids = tokenizer.encode(build(query, kept))
         if len(ids) <= budget:
             return ids, kept
-        if not kept:
-            suffix = ids[-2:]  # [gMASK] <sop>
-            return ids[: len(ids) - 2][-(budget - 2):] + suffix, kept
+        if not kept:  # keep the end of the text; the tokenizer puts [gMASK] <sop> back where they go
+            text_ids = tokenizer.encode(build(query, kept), add_special_tokens=False)
+            return tokenizer.build_inputs_with_special_tokens(text_ids[-(budget - 2):]), kept
         kept = kept[1:]
 
 
@@ -138,7 +157,7 @@ def _prepare(
     if limit < 8:
         raise ValueError(f"max_length={limit} is too small for a chat turn")
     budget = limit - max(1, min(reserve_tokens, limit // 2))
-    ids, kept = fit_prompt(tokenizer, query, history or [], budget)
+    ids, kept = fit_prompt(tokenizer, query, history or [], budget, prompt_builder(model.config.family))
     return ids, kept, dict(merged, max_length=limit)
 
 

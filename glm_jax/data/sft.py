@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from glm_jax.chat import build_prompt as build_prompt_chatglm
+from glm_jax.chat import build_prompt as build_prompt_chatglm, build_prompt_chatglm2
 from glm_jax.config import GLMConfig
 from glm_jax.positions import positions_and_mask
 
@@ -137,12 +137,6 @@ def _record(row: Any, where: str, columns: Columns) -> Record | None:
 
 
 # ------------------------------------------------------------------------------------- prompts
-
-
-def build_prompt_chatglm2(query: str, history: Sequence[tuple[str, str]] = ()) -> str:
-    """ChatGLM2 prompt (spec §2.4): 1-based `[Round k]` turns, header present even without history."""
-    turns = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history, start=1))
-    return turns + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
 
 
 def prompt_text(
