@@ -42,7 +42,6 @@ def test_generate_rejects_bad_input_clearly(chat_model_dir, tmp_path):  # noqa: 
     cases = [
         (["--prompt="], "--prompt number 1 is empty"),
         (["--prompt=x", "--top_p=1.5"], "top_p must be in (0, 1]"),
-        (["--prompt=" + "很好" * 3000], "the context holds 2048"),
     ]
     for args, message in cases:
         result = run_cli(f"--model={chat_model_dir}", *args, cache_dir=tmp_path)
