@@ -385,7 +385,7 @@ class ChatGLM2Tokenizer(_AppendedSpecialsTokenizer):
         self._setup_specials(self._sp.GetPieceSize())
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]):
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> ChatGLM2Tokenizer:
         """Load from a model file or a checkpoint directory holding ``tokenizer.model``."""
         path = os.fspath(path)
         return cls(os.path.join(path, CHATGLM2_VOCAB_FILE) if os.path.isdir(path) else path)
@@ -512,7 +512,7 @@ class GLM4Tokenizer(_AppendedSpecialsTokenizer):
         self._setup_specials(len(ranks))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]):
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> GLM4Tokenizer:
         """Load from a rank file or a checkpoint directory holding ``tokenizer.model``."""
         path = os.fspath(path)
         return cls(os.path.join(path, GLM4_VOCAB_FILE) if os.path.isdir(path) else path)
