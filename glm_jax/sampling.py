@@ -116,7 +116,8 @@ def top_p_filter(logits: Array, top_p: Array, sorted_desc: Array | None = None) 
 
     This is HF's rule (sort ascending, remove while the cumulative probability is <= 1 - top_p)
     written from the top. `sorted_desc` may be the candidates already sorted descending (e.g. the
-    top-k values), which avoids sorting the whole vocabulary.
+    top-k values), which avoids sorting the whole vocabulary; tokens tied with the k-th value that
+    top-k kept then do not count towards the cumulative probability.
     """
     if sorted_desc is None:
         sorted_desc = -jnp.sort(-logits, axis=-1)
