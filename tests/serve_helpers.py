@@ -17,10 +17,13 @@ MODEL_NAME = "chatglm-tiny"
 
 @contextlib.contextmanager
 def running_server(chat_model, chat_tok, *, api_key: str | None = None, limits: ServeLimits = ServeLimits(),
-                   **engine_options: Any) -> Iterator[tuple[str, Engine]]:
-    """(base URL, engine) of the app serving while the `with` block runs."""
+                   warmup: tuple[int, int] | None = None, **engine_options: Any) -> Iterator[tuple[str, Engine]]:
+    """(base URL, engine) of the app serving while the `with` block runs; `warmup` = (prompt tokens,
+    new tokens) compiles the greedy programs of that shape first."""
     model, params = chat_model
     engine = Engine(model, params, **engine_options)
+    if warmup:
+        engine.warmup(*warmup)
     app = create_app(engine, chat_tok, model_name=MODEL_NAME, api_key=api_key, limits=limits)
     with serve_in_thread(app) as url:
         yield url, engine

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from glm_jax import generate
+from glm_jax.generation import PROGRAMS
 from glm_jax.serve import ServeLimits
 from glm_jax.serve.protocol import OfficialChatRequest
 from decoding_helpers import chat_model, chat_model_dir, chat_tok  # noqa: F401 (fixtures)
@@ -25,14 +26,17 @@ API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_TOKENS = 40
 HISTORY = [("你好", "你好👋！我是人工智能助手")]
+HISTORY_2 = [("今天天气很好", "我们去公园散步吧")]
 TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
 def server(chat_model, chat_tok):  # noqa: F811
     limits = ServeLimits(max_body_bytes=64 * 1024, max_new_tokens=2048)
+    # The chat prompts of these tests have 33..64 tokens and ask for MAX_TOKENS: one prompt bucket (64),
+    # one new-token bucket (64), compiled up front for both batch sizes.
     with running_server(chat_model, chat_tok, api_key=API_KEY, limits=limits, max_batch=16, batch_buckets=(1, 16),
-                        decode_chunk=2) as running:
+                        decode_chunk=2, warmup=(64, MAX_TOKENS)) as running:
         yield running
 
 
@@ -56,8 +60,10 @@ def finish_reason(new_ids, tok):
 
 def test_chat_completion_equals_greedy_chat(client, chat_model, chat_tok):  # noqa: F811
     expected, new_ids = greedy_chat(chat_model, chat_tok, "今天天气很好", HISTORY, MAX_TOKENS)
+    compiled = PROGRAMS.compile_seconds
     response = client.post("/v1/chat/completions", json=chat_body("今天天气很好", HISTORY))
     assert response.status_code == 200, response.text
+    assert PROGRAMS.compile_seconds == compiled  # Engine.warmup compiled this request's programs
     body = response.json()
     assert body["object"] == "chat.completion" and body["model"] == MODEL_NAME
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
@@ -87,7 +93,7 @@ def test_streamed_chat_completion_equals_greedy_chat(client, chat_model, chat_to
 
 def test_sixteen_concurrent_requests_all_answer_correctly(server, chat_model, chat_tok):  # noqa: F811
     url, engine = server
-    cases = [(f"第{i}个问题：今天天气很好吗", HISTORY) if i % 2 else (f"{i}号：晚上睡不着应该怎么办？可以试试听音乐", [])
+    cases = [(f"第{i}个问题：今天天气很好吗", HISTORY) if i % 2 else (f"{i}号：晚上睡不着应该怎么办？", HISTORY_2)
              for i in range(16)]
     expected = [greedy_chat(chat_model, chat_tok, q, h, MAX_TOKENS)[0] for q, h in cases]
     before = engine.stats()

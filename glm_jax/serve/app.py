@@ -116,10 +116,9 @@ def create_app(
     limits: ServeLimits = ServeLimits(),
 ) -> FastAPI:
     """The app; it starts the engine's thread on startup and closes the engine on shutdown."""
-    config = engine.model.config
     context = engine.context_length
     max_prompt = min(limits.max_prompt_tokens or context, context - 1)
-    stop_ids = () if config.eos_token_id is None else (config.eos_token_id,)
+    stop_ids = engine.stop_ids
     created = int(time.time())
 
     @contextlib.asynccontextmanager

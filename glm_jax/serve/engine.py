@@ -82,7 +82,7 @@ class RequestHandle:
     """The submitter's side of a request: `await next_event()` until an event is `final`; `cancel()`
     when the answer is no longer wanted (safe to call at any time, from any thread)."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> None:
         self.request = request
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -102,6 +102,8 @@ class RequestHandle:
     def _emit(self, event: Event) -> None:
         """Called by the engine thread."""
         self._answered = self._answered or event.final
+        if self._loop is None:  # nobody listens (warm-up rows)
+            return
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -165,6 +167,8 @@ class Engine:
         self._max_queue = max_queue
         self._prompt_buckets = prompt_buckets
         self._pad_id = model.config.pad_token_id or 0
+        cfg = model.config
+        self.stop_ids = (() if cfg.eos_token_id is None else (cfg.eos_token_id,)) + tuple(cfg.extra_stop_token_ids)
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._wakeup = threading.Condition()
         self._closing = False
@@ -222,6 +226,25 @@ class Engine:
         bad = [t for t in request.prompt if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+
+    def warmup(self, prompt_tokens: int, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+               stop_ids: tuple[int, ...] | None = None) -> float:
+        """Compiles the programs of every batch bucket for prompts of `prompt_tokens` tokens and
+        `max_new_tokens` new ones with `sampling` and `stop_ids` (default: the model's, which the app
+        uses), so that the first requests of that shape do not wait for compilation. Call before
+        `start`; returns the seconds it took."""
+        if self._thread is not None:
+            raise RuntimeError("warmup() must run before start()")
+        cfg = self.model.config
+        prompt = [self._pad_id] * (prompt_tokens - 2) + [cfg.gmask_token_id or 0, cfg.bos_token_id or 0]
+        request = GenerationRequest(tuple(prompt[-prompt_tokens:]), max_new_tokens, sampling,
+                                    stop_ids=self.stop_ids if stop_ids is None else tuple(stop_ids))
+        self.check(request)
+        begin = time.perf_counter()
+        for size in self._batch_buckets:
+            self._run_batch([RequestHandle(request, None) for _ in range(size)])
+        self._stats = EngineStats()
+        return time.perf_counter() - begin
 
     def stats(self) -> EngineStats:
         with self._wakeup:
