@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from glm_jax import generate
+from glm_jax.chat import chat
 from glm_jax.generation import PROGRAMS
 from glm_jax.serve import ServeLimits
 from glm_jax.serve.protocol import OfficialChatRequest
@@ -119,6 +120,17 @@ def test_sixteen_concurrent_requests_all_answer_correctly(server, chat_model, ch
     after = engine.stats()
     assert after.completed - before.completed == 16 and after.failed == before.failed
     assert after.batches - before.batches < 16 and after.largest_batch > 1  # requests shared batches
+
+
+def test_sampled_request_alone_equals_chat_with_the_same_seed(client, chat_model, chat_tok):  # noqa: F811
+    model, params = chat_model
+    prompt_tokens = len(chat_tok.encode("[Round 0]\n问：你好\n答：你好👋！我是人工智能助手\n[Round 1]\n问：今天天气很好\n答："))
+    expected, _ = chat(model, params, chat_tok, "今天天气很好", HISTORY, do_sample=True, temperature=0.8, top_p=0.9,
+                       top_k=50, seed=7, max_length=prompt_tokens + MAX_TOKENS, reserve_tokens=1)
+    body = chat_body("今天天气很好", HISTORY, temperature=0.8, top_p=0.9, seed=7)  # top_k: the chat default, 50
+    answers = [client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+               for _ in range(2)]
+    assert answers == [expected, expected]
 
 
 # --------------------------------------------------------------------------- official api.py endpoint
