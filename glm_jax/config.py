@@ -108,6 +108,9 @@ class GLMConfig:
     logits_dtype: str = "float32"
     remat_policy: RematPolicy = "none"
     quantization_bit: int = 0
+    # Also store the (tied) word embedding quantized per token row with `quantization_bit`, as the
+    # official chatglm-6b-int4-qe does; the output layer reads the same packed bytes.
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives lists
@@ -124,6 +127,8 @@ class GLMConfig:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of {DTYPES}")
         if self.quantization_bit not in (0, 4, 8):
             problems.append(f"quantization_bit must be 0, 4 or 8, got {self.quantization_bit}")
+        if self.quantize_embeddings and not (self.quantization_bit and self.tie_word_embeddings):
+            problems.append("quantize_embeddings needs quantization_bit 4 or 8 and tie_word_embeddings")
         if self.position_scheme == "glm_2d" and None in (self.bos_token_id, self.mask_token_id, self.gmask_token_id):
             problems.append("position_scheme 'glm_2d' needs bos_token_id, mask_token_id and gmask_token_id")
         if self.position_scheme == "glm130b" and None in (self.bos_token_id, self.mask_token_id):

@@ -155,6 +155,7 @@ def load_pretrained(
     *,
     dtype: str | None = None,
     quantization: str | None = None,
+    quantize_embeddings: bool = False,
     mesh: Mesh | None = None,
     prefix: str | None = None,
     lora: str | None = None,
@@ -166,7 +167,8 @@ def load_pretrained(
     `dtype` sets both compute and param dtype (default float32, exact for fp16 checkpoints);
     `quantization` "int8" / "int4" quantizes the Linear weights of a float checkpoint with the
     official scheme (None: load as stored; quantized checkpoints, official or converted, stay
-    quantized); `mesh` places every param with its logical sharding; `prefix` is a P-Tuning v2
+    quantized); `quantize_embeddings` also quantizes the word embedding (tied output layer) per
+    token row with the same bits, the official `-qe` scheme; `mesh` places every param with its logical sharding; `prefix` is a P-Tuning v2
     checkpoint directory whose prefix encoder is loaded on top (its `pre_seq_len`/`prefix_projection` apply);
     `lora` is a PEFT LoRA adapter directory attached unmerged (`glm_jax.training.peft.attach_lora`).
     """
@@ -183,6 +185,8 @@ def load_pretrained(
         raise CheckpointError(f"{path} holds an INT{config.quantization_bit} checkpoint; "
                               f"quantization={quantization!r} would quantize it twice")
     quantize = bool(bits) and not config.quantization_bit
+    if quantize_embeddings and not quantize:
+        raise ValueError("quantize_embeddings=True needs quantization='int8' or 'int4' on a float checkpoint")
     prefix_maps: list[TensorMap] = []
     if prefix is not None:
         config, _, prefix_maps = _read_prefix(prefix, config)
@@ -202,8 +206,8 @@ def load_pretrained(
         else:
             params = read_official_params(path, config, shapes, tensor_maps(config), np_dtype, set(ignored_keys(config)))
         if quantize:
-            params = quantize_params(params, bits)
-            config = config.replace(quantization_bit=bits)
+            params = quantize_params(params, bits, embeddings=quantize_embeddings)
+            config = config.replace(quantization_bit=bits, quantize_embeddings=quantize_embeddings)
             model = GLMForCausalLM(config)
             abstract = abstract_params(model)
         shardings = logical_shardings(abstract, mesh, rules) if mesh is not None else None

@@ -27,6 +27,9 @@ BITS = (4, 8)
 # Names of the quantized Linear params (distinct from the float `kernel`, so float-only code paths
 # fail loudly instead of multiplying by int8 values).
 QKERNEL, QSCALE = "qkernel", "qscale"
+# The quantized word embedding `[vocab, hidden * bits / 8]` (official `[out, in]` layout: one scale per
+# token row), optional; the tied output layer then reads the same bytes.
+QEMBEDDING = "qembedding"
 # Our Linear layers that the official code quantizes (`query_key_value`, `attention.dense`,
 # `dense_h_to_4h` = up (+ gate), `dense_4h_to_h` = down), as paths under one layer.
 QUANTIZED_LINEARS = (
@@ -189,6 +192,44 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+def quantized_dot_rows(x: jax.Array, qweight: jax.Array, qscale: jax.Array, bits: int, dtype: Any) -> jax.Array:
+    """`x · dequantize(qweight)ᵀ` for a weight in the official `[out, in * bits / 8]` layout (the
+    quantized embedding as output layer), float32 `[..., out]`.
+
+    On CPU it always runs tile by tile over output rows, prefill included: a vocabulary-sized table
+    dequantized at once would be the largest float buffer of the program (2 GiB for ChatGLM-6B).
+    """
+    if jax.default_backend() != "cpu":
+        values = unpack_int4(qweight) if bits == 4 else qweight
+        y = jax.lax.dot_general(x.astype(dtype), values.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        return y * qscale.astype(jnp.float32)
+    lead = x.shape[:-1]
+    rows, width = qweight.shape
+    tile = _largest_divisor(rows, max(1, TILE_VALUES // width))
+    x = x.astype(dtype).astype(jnp.float32).reshape(-1, x.shape[-1])
+    parts = (x,) if bits == 8 else (x[:, 0::2], x[:, 1::2])
+
+    def tile_logits(inputs: tuple) -> jax.Array:
+        q, s = inputs
+        weights = (q,) if bits == 8 else (q >> 4, (q << 4) >> 4)
+        y = sum(jax.lax.dot_general(xp, w.astype(jnp.float32), (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32) for xp, w in zip(parts, weights))
+        return y * s.astype(jnp.float32)
+
+    tiles = (qweight.reshape(rows // tile, tile, width), qscale.reshape(rows // tile, tile))
+    y = jax.lax.map(tile_logits, tiles)  # [tiles, M, tile]
+    return y.transpose(1, 0, 2).reshape(*lead, rows)
+
+
+def quantized_embedding_lookup(ids: jax.Array, qweight: jax.Array, qscale: jax.Array, bits: int, dtype: Any) -> jax.Array:
+    """Rows `ids` of a quantized embedding, `q * scale` rounded once to `dtype` (the official
+    `QuantizedEmbedding` computes the same product in float16)."""
+    values = jnp.take(qweight, ids, axis=0)
+    values = unpack_int4(values) if bits == 4 else values
+    return (values.astype(jnp.float32) * jnp.take(qscale, ids, axis=0)[..., None].astype(jnp.float32)).astype(dtype)
+
+
 def _linear_in_dims(path: tuple[str, ...]) -> int:
     """Input axes of a quantizable Linear kernel (`attention/dense` contracts heads and head_dim)."""
     return 2 if path[-2:] == ("attention", "dense") else 1
@@ -199,9 +240,10 @@ def is_quantized_linear(path: tuple[str, ...]) -> bool:
     return len(path) >= 3 and path[0] == "layers" and tuple(path[-2:]) in QUANTIZED_LINEARS
 
 
-def quantize_params(params: dict, bits: int) -> dict:
+def quantize_params(params: dict, bits: int, embeddings: bool = False) -> dict:
     """A float param tree (NumPy leaves, layers stacked) with every quantizable kernel replaced by
-    `qkernel`/`qscale`; other leaves are kept as they are."""
+    `qkernel`/`qscale` and, with `embeddings`, the word embedding by `qembedding`/`qscale` (per token
+    row, the official `-qe` scheme); other leaves are kept as they are."""
 
     def visit(node: dict, path: tuple[str, ...]) -> dict:
         out = {}
@@ -211,6 +253,8 @@ def quantize_params(params: dict, bits: int) -> dict:
             elif name == "kernel" and is_quantized_linear(path):
                 q, s = quantize_kernel(np.asarray(value), bits, _linear_in_dims(path), batch_dims=1)
                 out[QKERNEL], out[QSCALE] = q, s
+            elif embeddings and path == ("word_embeddings",) and name == "embedding":
+                out[QEMBEDDING], out[QSCALE] = quantize_official(np.asarray(value), bits)
             else:
                 out[name] = value
         return out
@@ -219,7 +263,7 @@ def quantize_params(params: dict, bits: int) -> dict:
 
 
 __all__ = [
-    "BITS", "QKERNEL", "QSCALE", "QUANTIZED_LINEARS", "dequantize_kernel", "dequantize_official", "is_quantized_linear",
-    "pack_int4", "packed_size", "quantize_kernel", "quantize_official", "quantize_params", "quantized_dot",
-    "unpack_int4", "unpack_kernel",
+    "BITS", "QEMBEDDING", "QKERNEL", "QSCALE", "QUANTIZED_LINEARS", "dequantize_kernel", "dequantize_official",
+    "is_quantized_linear", "pack_int4", "packed_size", "quantize_kernel", "quantize_official", "quantize_params",
+    "quantized_dot", "quantized_dot_rows", "quantized_embedding_lookup", "unpack_int4", "unpack_kernel",
 ]

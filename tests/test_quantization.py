@@ -212,3 +212,51 @@ def test_quantize_params_replaces_only_the_official_linears():
 def test_odd_input_width_cannot_be_packed():
     with pytest.raises(ValueError, match="even"):
         q.quantize_kernel(np.ones((5, 3), np.float32), 4)
+
+
+def dequantized_float_params(qparams: dict, bits: int) -> dict:
+    """The float param tree a quantized one stands for: every qkernel / qembedding replaced by
+    `q * scale` with the dequantization checked bit-exact above."""
+
+    def visit(node: dict, path: tuple[str, ...]) -> dict:
+        if q.QEMBEDDING in node:
+            return {"embedding": q.dequantize_official(node[q.QEMBEDDING], node[q.QSCALE], bits)}
+        if q.QKERNEL in node:
+            in_dims = 2 if path[-2:] == ("attention", "dense") else 1
+            out = {k: v for k, v in node.items() if k not in (q.QKERNEL, q.QSCALE)}
+            out["kernel"] = q.dequantize_kernel(node[q.QKERNEL], node[q.QSCALE], bits, in_dims, batch_dims=1)
+            return out
+        return {k: visit(v, (*path, k)) if isinstance(v, dict) else v for k, v in node.items()}
+
+    return visit(qparams, ())
+
+
+# INT4 with 10 rows: tiled layers; INT8 with 20 rows: dequantize-then-dot (the Linear test covers the rest).
+@pytest.mark.parametrize("bits, batch, length", [(4, 2, 5), (8, 1, 20)])
+def test_quantized_model_equals_float_model_on_dequantized_weights(bits, batch, length, monkeypatch):
+    """Quantized layers and (optionally) the quantized tied embedding/output layer give the logits of
+    the float model whose weights are the dequantized ones."""
+    from glm_jax.config import preset
+    from glm_jax.modeling.transformer import GLMForCausalLM
+
+    monkeypatch.setattr(q, "TILE_VALUES", 1024)  # several tiles per weight and per vocabulary
+    config = preset("chatglm-tiny")
+    float_model = GLMForCausalLM(config)
+    ids = np.random.default_rng(4).integers(0, config.mask_token_id, (batch, length)).astype(np.int32)
+    ids[:, -2:] = [config.gmask_token_id, config.bos_token_id]
+    params = jax.tree.map(np.asarray, nn.unbox(float_model.init(jax.random.PRNGKey(1), jnp.asarray(ids))["params"]))
+    float_apply = jax.jit(float_model.apply)
+    for embeddings in (False, True):
+        qparams = q.quantize_params(params, bits, embeddings=embeddings)
+        assert (q.QEMBEDDING in qparams["word_embeddings"]) == embeddings
+        qmodel = GLMForCausalLM(config.replace(quantization_bit=bits, quantize_embeddings=embeddings))
+        logits = jax.jit(qmodel.apply)({"params": qparams}, ids)
+        expected = float_apply({"params": dequantized_float_params(qparams, bits)}, ids)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_embeddings_need_quantized_tied_weights():
+    from glm_jax.config import preset
+
+    with pytest.raises(ValueError, match="quantize_embeddings"):
+        preset("chatglm-tiny", quantize_embeddings=True)

@@ -93,6 +93,31 @@ class Linear(nn.Module):
         return y.astype(dtype)
 
 
+class QuantizedEmbed(nn.Module):
+    """Word embedding stored quantized per token row (`qembedding` int8 `[vocab, hidden * bits / 8]`,
+    `qscale [vocab]`), the official `-qe` scheme; `attend` is the tied output layer reading the same
+    bytes (`glm_jax.quantization.quantized_dot_rows`)."""
+
+    config: GLMConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        width = quantization.packed_size(cfg.hidden_size, cfg.quantization_bit)
+        self.qembedding = self.param(quantization.QEMBEDDING, nn.with_logical_partitioning(
+            nn.initializers.zeros, ("vocab", "embed")), (cfg.vocab_size, width), jnp.int8)
+        self.qscale = self.param(quantization.QSCALE, nn.with_logical_partitioning(nn.initializers.ones, ("vocab",)),
+                                 (cfg.vocab_size,), as_dtype(cfg.param_dtype))
+
+    def __call__(self, ids: Array) -> Array:
+        cfg = self.config
+        return quantization.quantized_embedding_lookup(ids, self.qembedding, self.qscale, cfg.quantization_bit,
+                                                       as_dtype(cfg.dtype))
+
+    def attend(self, x: Array) -> Array:
+        cfg = self.config
+        return quantization.quantized_dot_rows(x, self.qembedding, self.qscale, cfg.quantization_bit, as_dtype(cfg.dtype))
+
+
 class LoRADown(nn.Module):
     """The shared half of a LoRA adapter: `dropout(x) · A`, `A [*in, rank]` (PEFT's `lora_A`, same
     init: uniform ±1/sqrt(fan_in)). Kept in float32 like every trainable adapter."""

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import GLMConfig
-from glm_jax.modeling.layers import MLP, Attention, Linear, Norm, PrefixEncoder, as_dtype, rotary_angles
+from glm_jax.modeling.layers import (
+    MLP, Attention, Linear, Norm, PrefixEncoder, QuantizedEmbed, as_dtype, rotary_angles,
+)
 from glm_jax.positions import positions_and_mask
 
 Array = jnp.ndarray
@@ -86,11 +88,14 @@ class GLMForCausalLM(nn.Module):
         batch, length = input_ids.shape
         position_ids, allowed = self._positions_and_mask(input_ids, position_ids, attention_mask, decode)
 
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-            name="word_embeddings",
-        )
+        if cfg.quantize_embeddings:
+            embed = QuantizedEmbed(cfg, name="word_embeddings")
+        else:
+            embed = nn.Embed(
+                cfg.vocab_size, cfg.hidden_size, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                name="word_embeddings",
+            )
         x = embed(input_ids)
         if cfg.position_embedding == "learned_2d":
             x = x + self._learned_position_embeddings(position_ids)
@@ -108,7 +113,9 @@ class GLMForCausalLM(nn.Module):
         x, layer_inputs = stack(x, jnp.arange(cfg.num_layers), prefix_kv, rope, allowed)
 
         x = Norm(cfg, name="final_norm")(x)
-        if cfg.tie_word_embeddings:
+        if cfg.quantize_embeddings:
+            logits = embed.attend(x).astype(as_dtype(cfg.dtype))
+        elif cfg.tie_word_embeddings:
             # Not `embed.attend`: its bf16/fp16-output dot is ~5x slower on CPU than accumulating in
             # float32 (as Linear does); rounding to the compute dtype afterwards gives the same result.
             dtype = as_dtype(cfg.dtype)
