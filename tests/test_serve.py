@@ -16,9 +16,11 @@ import openai
 import pytest
 
 from glm_jax import generate
-from glm_jax.chat import chat
+from glm_jax.chat import build_prompt, chat
 from glm_jax.generation import PROGRAMS
-from glm_jax.serve import ServeLimits
+from glm_jax.sampling import SamplingParams
+from glm_jax.serve import Engine, GenerationRequest, ServeLimits
+from glm_jax.serve.engine import EngineClosed
 from glm_jax.serve.protocol import OfficialChatRequest
 from decoding_helpers import chat_model, chat_model_dir, chat_tok  # noqa: F401 (fixtures)
 from serve_helpers import MODEL_NAME, greedy_chat, messages, running_server, sse_events
@@ -271,6 +273,27 @@ def test_client_disconnect_mid_stream_frees_its_slot(server, client, chat_model,
     expected, _ = greedy_chat(chat_model, chat_tok, "今天天气很好", HISTORY, MAX_TOKENS)
     response = client.post("/v1/chat/completions", json=chat_body("今天天气很好", HISTORY))
     assert response.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_closing_the_engine_cancels_the_running_batch(chat_model, chat_tok):  # noqa: F811
+    model, params = chat_model
+    engine = Engine(model, params, max_batch=1)
+    prompt = tuple(chat_tok.encode(build_prompt("今天天气很好", HISTORY)))
+
+    async def generate_then_close():
+        engine.start()
+        handle = engine.submit(GenerationRequest(prompt, 2000, SamplingParams(), 0, engine.stop_ids))
+        events = [await handle.next_event()]  # under way: 2000 tokens take seconds
+        await asyncio.to_thread(engine.close)
+        while not events[-1].final:
+            events.append(await handle.next_event())
+        with pytest.raises(EngineClosed):
+            engine.submit(GenerationRequest(prompt, 8))
+        return events
+
+    events = asyncio.run(generate_then_close())
+    assert events[-1].finish_reason == "cancelled"
+    assert sum(len(e.tokens) for e in events) < 1000
 
 
 # ---------------------------------------------------------------------------------------- the CLI

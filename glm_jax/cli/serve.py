@@ -29,8 +29,8 @@ flags.DEFINE_string("host", "127.0.0.1", "Address to bind (127.0.0.1: this machi
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port, printed at startup).")
 flags.DEFINE_string("model_name", None, "Model id clients ask for (default: the --model directory's name).")
 flags.DEFINE_string(
-    "api_key", os.environ.get("GLM_SERVE_API_KEY"),
-    "Key clients must send as 'Authorization: Bearer KEY' (default: $GLM_SERVE_API_KEY; unset = no key). "
+    "api_key", None,
+    "Key clients must send as 'Authorization: Bearer KEY' (default: $GLM_SERVE_API_KEY; neither = no key). "
     "Prefer the environment variable: a flag shows in the process list.")
 flags.DEFINE_integer("max_batch", 8, "Most requests decoded together.")
 flags.DEFINE_list("batch_buckets", [], "Batch sizes to compile for (default: powers of two up to --max_batch).")
@@ -58,10 +58,11 @@ def _serve() -> None:
     limits = ServeLimits(max_body_bytes=FLAGS.max_body_bytes, max_prompt_tokens=FLAGS.max_prompt_tokens,
                          max_new_tokens=FLAGS.max_new_tokens)
     name = FLAGS.model_name or os.path.basename(os.path.normpath(FLAGS.model))
-    asgi = create_app(engine, tokenizer, model_name=name, api_key=FLAGS.api_key or None, limits=limits)
-    if FLAGS.host not in ("127.0.0.1", "localhost", "::1") and not FLAGS.api_key:
+    api_key = FLAGS.api_key or os.environ.get("GLM_SERVE_API_KEY") or None
+    asgi = create_app(engine, tokenizer, model_name=name, api_key=api_key, limits=limits)
+    if FLAGS.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logging.warning("listening on %s without an API key: anyone who can reach it can use the model", FLAGS.host)
-    uvicorn.run(asgi, host=FLAGS.host, port=FLAGS.port, log_level="info")
+    uvicorn.run(asgi, host=FLAGS.host, port=FLAGS.port, log_level="info", timeout_graceful_shutdown=10)
 
 
 def main(argv: list[str]) -> None:

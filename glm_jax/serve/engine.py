@@ -172,6 +172,7 @@ class Engine:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._wakeup = threading.Condition()
         self._closing = False
+        self._running: list[RequestHandle] = []  # the rows of the batch on the device
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
 
@@ -188,13 +189,17 @@ class Engine:
             self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stops taking requests, fails the waiting ones, lets the running batch end, joins the thread."""
+        """Stops taking requests, fails the waiting ones, cancels the running batch (it ends at its
+        next chunk) and joins the thread."""
         with self._wakeup:
             self._closing = True
             waiting, self._waiting = list(self._waiting), collections.deque()
+            running = list(self._running)
             self._wakeup.notify_all()
         for handle in waiting:
             handle._emit(Event(error="the server is shutting down"))
+        for handle in running:
+            handle.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -285,6 +290,7 @@ class Engine:
             batch = [h for h in batch if not h.cancelled]
             self._stats.cancelled += len(cancelled)
             self._stats.active = len(batch)
+            self._running = batch
         for handle in cancelled:
             handle._emit(Event(finish_reason=FINISH_CANCELLED))
         return batch
@@ -352,6 +358,7 @@ class Engine:
             state = decode(*args)
         with self._wakeup:
             self._stats.active = 0
+            self._running = []
 
     def _record_finish(self, reason: str | None, new_tokens: int) -> None:
         with self._wakeup:
@@ -367,5 +374,6 @@ class Engine:
         with self._wakeup:
             self._stats.failed += len(unanswered)
             self._stats.active = 0
+            self._running = []
         for handle in unanswered:
             handle._emit(Event(error=error))
