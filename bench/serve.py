@@ -1,9 +1,9 @@
 """Serving benchmark: glm-serve over HTTP on 127.0.0.1 with 1, 4 and 16 concurrent clients.
 
 A random checkpoint of a ChatGLM-6B-architecture preset (official layout, float32, with the small
-SentencePiece vocabulary of the bench in place of the preset's) runs behind the real app (`glm_jax.serve`: uvicorn, request queue,
-batching engine). Each client sends streamed `/v1/chat/completions` requests one after another (closed loop,
-greedy, `--new_tokens` each). Reported per concurrency:
+SentencePiece vocabulary of the bench in place of the preset's) runs behind the real app (`glm_jax.serve`:
+uvicorn, request queue, batching engine). Each client sends streamed `/v1/chat/completions` requests one
+after another (closed loop, greedy, `--new_tokens` each). Reported per concurrency:
 
 - throughput: completion tokens of all requests / wall time of the level;
 - latency p50 / p99 of whole requests, and p50 time to the first streamed token;
@@ -136,7 +136,10 @@ def start_engine(model, params, tok, max_batch: int) -> tuple[Engine, float]:
 def generate_reference(model, params, tok, batch: int) -> float:
     """tokens/s of one `generate` call on `batch` of the bench prompts (best of 3, compiled first)."""
     prompts = [tok.encode(build_prompt(QUESTIONS[i % len(QUESTIONS)])) for i in range(batch)]
-    run = lambda: generate_with_stats(model, params, prompts, max_new_tokens=_NEW_TOKENS.value, stop_ids=())  # noqa: E731
+
+    def run() -> Any:
+        return generate_with_stats(model, params, prompts, max_new_tokens=_NEW_TOKENS.value, stop_ids=())
+
     run()
     return max(batch * _NEW_TOKENS.value / run().run_seconds for _ in range(3))
 
@@ -193,7 +196,8 @@ def main(argv: list[str]) -> None:
             "per request, streamed /v1/chat/completions over HTTP on 127.0.0.1, closed-loop clients.",
             f"Batched: max_batch=16, batch buckets 1/4/16, decode_chunk={_DECODE_CHUNK.value}, warm-up compile "
             f"{warm_batched:.1f} s. Unbatched: the same app with max_batch=1.",
-            f"generate: one `glm_jax.generate` call on the same batch (no HTTP, no queue). The clients run in another process. Roofline: clients x "
+            "generate: one `glm_jax.generate` call on the same batch (no HTTP, no queue). The clients run in "
+            f"another process. Roofline: clients x "
             f"{bandwidth:.1f} GB/s measured read bandwidth / weight bytes.",
         ]
         common.append_results("Serving (glm-serve over HTTP)", command, rows, notes)

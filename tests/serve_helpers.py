@@ -29,7 +29,8 @@ def running_server(chat_model, chat_tok, *, api_key: str | None = None, limits: 
         yield url, engine
 
 
-def greedy_chat(chat_model, chat_tok, query: str, history: list[tuple[str, str]], max_tokens: int) -> tuple[str, list[int]]:
+def greedy_chat(chat_model, chat_tok, query: str, history: list[tuple[str, str]],
+                max_tokens: int) -> tuple[str, list[int]]:
     """`glm_jax.chat` greedy answer with room for exactly `max_tokens` new tokens and no truncation,
     plus the new token ids `generate` returns for the same prompt."""
     model, params = chat_model

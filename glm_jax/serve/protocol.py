@@ -182,7 +182,8 @@ class CompletionRequest(_SamplingFields):
         if self.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if self.suffix:
-            raise APIError(400, "suffix is not supported (use [MASK] infilling with glm_jax.generation)", param="suffix")
+            raise APIError(400, "suffix is not supported (use [MASK] infilling with glm_jax.generation)",
+                           param="suffix")
         if self.best_of not in (None, 1):
             raise APIError(400, "best_of is not supported", param="best_of")
 
