@@ -5,8 +5,9 @@ Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (OpenAI-compat
 `POST /` (`{prompt, history, max_length, top_p, temperature}` -> `{response, history, status,
 time}`), `GET /health`, and the web chat page at `GET /`.
 
-Chat answers are built exactly like `glm_jax.chat`: the ChatGLM-6B prompt format, the model's stop
-token, `process_response`, and streamed pieces that are never taken back (`ResponseStream`).
+Chat answers are built exactly like `glm_jax.chat`: the model family's prompt format (ChatGLM-6B's
+`[Round k]` turns, or ChatGLM2's), the model's stop token, `process_response`, and streamed pieces that
+are never taken back (`ResponseStream`).
 The OpenAI endpoints never drop history: a prompt that does not fit is a 400. The official endpoint
 keeps `glm_jax.chat`'s history truncation, as `chat` itself does.
 
@@ -36,7 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from glm_jax.chat import DEFAULT_RESERVE_TOKENS, ResponseStream, _prepare, build_prompt
+from glm_jax.chat import DEFAULT_RESERVE_TOKENS, ResponseStream, _prepare, prompt_builder
 from glm_jax.serve import protocol
 from glm_jax.serve.engine import FINISH_CANCELLED, Engine, EngineBusy, EngineClosed, GenerationRequest, RequestHandle
 from glm_jax.serve.protocol import APIError
@@ -120,6 +121,7 @@ def create_app(
     max_prompt = min(limits.max_prompt_tokens or context, context - 1)
     stop_ids = engine.stop_ids
     created = int(time.time())
+    family = engine.model.config.family
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -261,6 +263,10 @@ def create_app(
     async def chat_completions(request: Request) -> Any:
         body = await read_openai_body(request, protocol.ChatCompletionRequest)
         query, history = body.turns()
+        try:
+            build_prompt = prompt_builder(family)
+        except ValueError as e:
+            raise APIError(400, f"{e}; /v1/completions takes raw text") from None
         ids = await encode(build_prompt(query, history))
         limit = new_tokens(len(ids), body.requested_tokens, limits.max_new_tokens, "messages")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
