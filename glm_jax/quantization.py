@@ -230,6 +230,23 @@ def quantized_embedding_lookup(ids: jax.Array, qweight: jax.Array, qscale: jax.A
     return (values.astype(jnp.float32) * jnp.take(qscale, ids, axis=0)[..., None].astype(jnp.float32)).astype(dtype)
 
 
+def param_bytes_by_dtype(params: Any) -> dict[str, int]:
+    """Bytes of a param tree per dtype name (largest first): the memory report of a quantized model,
+    where int8 holds the packed weights and the float dtypes the scales, embeddings, norms, biases."""
+    totals: dict[str, int] = {}
+    for leaf in jax.tree.leaves(params):
+        dtype = np.dtype(leaf.dtype)
+        totals[dtype.name] = totals.get(dtype.name, 0) + int(np.prod(leaf.shape)) * dtype.itemsize
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def format_param_bytes(params: Any) -> str:
+    """One line, e.g. `params 3.93 GB: int8 2.82 GB (2818572288 B), float32 1.11 GB (1107296256 B)`."""
+    totals = param_bytes_by_dtype(params)
+    parts = ", ".join(f"{name} {size / 1e9:.2f} GB ({size} B)" for name, size in totals.items())
+    return f"params {sum(totals.values()) / 1e9:.2f} GB: {parts}"
+
+
 def _linear_in_dims(path: tuple[str, ...]) -> int:
     """Input axes of a quantizable Linear kernel (`attention/dense` contracts heads and head_dim)."""
     return 2 if path[-2:] == ("attention", "dense") else 1
@@ -264,6 +281,7 @@ def quantize_params(params: dict, bits: int, embeddings: bool = False) -> dict:
 
 __all__ = [
     "BITS", "QEMBEDDING", "QKERNEL", "QSCALE", "QUANTIZED_LINEARS", "dequantize_kernel", "dequantize_official",
-    "is_quantized_linear", "pack_int4", "packed_size", "quantize_kernel", "quantize_official", "quantize_params",
-    "quantized_dot", "quantized_dot_rows", "quantized_embedding_lookup", "unpack_int4", "unpack_kernel",
+    "format_param_bytes", "is_quantized_linear", "pack_int4", "packed_size", "param_bytes_by_dtype",
+    "quantize_kernel", "quantize_official", "quantize_params", "quantized_dot", "quantized_dot_rows",
+    "quantized_embedding_lookup", "unpack_int4", "unpack_kernel",
 ]

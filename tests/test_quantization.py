@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from decoding_helpers import chat_model_dir, chat_tok  # noqa: F401 (fixtures)
 from glm_jax import quantization as q
 from glm_jax.modeling.layers import Linear
 
@@ -260,3 +261,26 @@ def test_quantized_embeddings_need_quantized_tied_weights():
 
     with pytest.raises(ValueError, match="quantize_embeddings"):
         preset("chatglm-tiny", quantize_embeddings=True)
+
+
+def test_glm_generate_quantizes_on_load_and_reports_param_bytes(chat_model_dir, chat_tok, tmp_path):  # noqa: F811
+    """`glm-generate --quantization=int4 --verbose` generates what `generate` does on the INT4 model
+    and reports the int8 bytes the official INT4 layout needs (layers x (qkv + dense + 2 MLP) / 2)."""
+    import subprocess
+    import sys
+
+    from glm_jax import generate, load_pretrained
+
+    model, params = load_pretrained(str(chat_model_dir), quantization="int4")
+    prompt = "你好"
+    result = subprocess.run(
+        [sys.executable, "-m", "glm_jax.cli.generate", f"--compilation_cache_dir={tmp_path}", f"--model={chat_model_dir}",
+         f"--prompt={prompt}", "--max_new_tokens=5", "--quantization=int4", "--verbose"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    tokens = generate(model, params, [chat_tok.encode(prompt)], max_new_tokens=5)[0]
+    assert result.stdout == chat_tok.decode(tokens) + "\n"
+    c = model.config
+    int4_bytes = c.num_layers * (4 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * c.ffn_hidden_size) // 2
+    int8 = re.search(r"params [\d.]+ GB: .*int8 [\d.]+ GB \((\d+) B\)", result.stderr)
+    assert int8 and int(int8.group(1)) == int4_bytes, result.stderr

@@ -60,14 +60,17 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def load_model_and_tokenizer(values: Any, quantization: str | None = None) -> tuple[Any, Any, Any]:
+def load_model_and_tokenizer(
+    values: Any, quantization: str | None = None, quantize_embeddings: bool = False,
+) -> tuple[Any, Any, Any]:
     """(model, params, tokenizer) from the model flags (weights quantized as `load_pretrained`'s
-    `quantization` says); the tokenizer's special ids must be the model's, otherwise prompts would
+    `quantization` / `quantize_embeddings` say); the tokenizer's special ids must be the model's, otherwise prompts would
     be built with the wrong tokens."""
     if not os.path.isdir(values.model):
         raise FileNotFoundError(f"--model={values.model}: no such checkpoint directory")
     tokenizer = ChatGLMTokenizer.from_pretrained(values.tokenizer or values.model)
-    model, params = load_pretrained(values.model, dtype=values.dtype, prefix=values.prefix, quantization=quantization)
+    model, params = load_pretrained(values.model, dtype=values.dtype, prefix=values.prefix, quantization=quantization,
+                                    quantize_embeddings=quantize_embeddings)
     cfg = model.config
     pairs = {
         "bos (<sop>)": (tokenizer.bos_token_id, cfg.bos_token_id), "eos (<eop>)": (tokenizer.eos_token_id, cfg.eos_token_id),
