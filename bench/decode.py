@@ -53,7 +53,7 @@ _CONFIGS = flags.DEFINE_list("configs", ["chatglm-100m", "chatglm-1b"], "ChatGLM
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (text + [gMASK] <sop>).")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "N: tokens generated per timed call.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed JAX calls per case and round.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls per case and round, on each side.")
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 2, "Rounds of (official side, then the JAX side); the best time of each case over all rounds counts.")
 _REFERENCE_THREADS = flags.DEFINE_integer("reference_threads", 2, "torch threads of the official side.")
@@ -91,7 +91,7 @@ def run_official(checkpoint: str, inputs: dict[str, np.ndarray], counts: list[in
     command = [
         python, os.path.join(common.BENCH_DIR, "reference_decode.py"), f"--checkpoint={checkpoint}",
         f"--reference_code={_REFERENCE_CODE.value}", f"--inputs={inputs_file}",
-        f"--new_tokens={','.join(map(str, counts))}", "--warmup=0", "--repeats=1",
+        f"--new_tokens={','.join(map(str, counts))}", "--warmup=0", f"--repeats={_REPEATS.value}",
         f"--threads={_REFERENCE_THREADS.value}",
     ]
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
@@ -198,7 +198,7 @@ def main(argv: list[str]) -> None:
         f"Greedy, float32 on both sides, prompt {_PROMPT_LEN.value} tokens, N = {n} new tokens; decode tok/s = "
         f"batch*(N-N2)/(T(N)-T(N2)) with N2 = {n // 2 + 1} (prefill and call overhead cancel); e2e = batch*N/T(N); "
         "TTFT: JAX streaming API's first token vs official generate(max_new_tokens=1). Best time over "
-        f"{_ROUNDS.value} round(s).",
+        f"{_ROUNDS.value} round(s) x {_REPEATS.value} call(s) per side.",
         f"roofline = float32 weight bytes per decode step / step time / memory read bandwidth "
         f"(best of the run: {max(bandwidth):.1f} GB/s; KV-cache reads not counted).",
         "same_tokens: rows whose N greedy tokens are identical on both sides (the official side cannot pick "
@@ -215,7 +215,7 @@ def main(argv: list[str]) -> None:
         print("- " + note)
     if _RECORD.value:
         command = (f"python bench/decode.py --configs={','.join(_CONFIGS.value)} --batch={','.join(_BATCH.value)} "
-                   f"--new_tokens={n} --prompt_len={_PROMPT_LEN.value} --rounds={_ROUNDS.value}"
+                   f"--new_tokens={n} --prompt_len={_PROMPT_LEN.value} --rounds={_ROUNDS.value} --repeats={_REPEATS.value}"
                    + (" --reference_code=<official ChatGLM-6B code>" if _REFERENCE_CODE.value else ""))
         common.append_results("Decode (greedy generate, KV cache): JAX vs official PyTorch", command, rows, notes)
         print(f"appended to {os.path.relpath(common.RESULTS_FILE)}")
