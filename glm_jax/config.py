@@ -111,6 +111,9 @@ class GLMConfig:
     # Also store the (tied) word embedding quantized per token row with `quantization_bit`, as the
     # official chatglm-6b-int4-qe does; the output layer reads the same packed bytes.
     quantize_embeddings: bool = False
+    # > 0: one scale per this many consecutive input values of each quantized Linear (a group-wise,
+    # higher-accuracy mode with no official checkpoint layout) instead of one per output row.
+    quantization_group_size: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives lists
@@ -129,6 +132,13 @@ class GLMConfig:
             problems.append(f"quantization_bit must be 0, 4 or 8, got {self.quantization_bit}")
         if self.quantize_embeddings and not (self.quantization_bit and self.tie_word_embeddings):
             problems.append("quantize_embeddings needs quantization_bit 4 or 8 and tie_word_embeddings")
+        if self.quantization_group_size:
+            group, bits = self.quantization_group_size, self.quantization_bit
+            # Last input axis of each quantized Linear: hidden (qkv, up, gate), head_dim (dense), ffn (down).
+            sizes = (self.hidden_size, self.head_dim, self.ffn_hidden_size)
+            if not bits or group < 0 or any(size % group for size in sizes) or (bits == 4 and group % 2):
+                problems.append(f"quantization_group_size={group} needs quantization_bit 4 or 8 and must divide "
+                                f"hidden_size, head_dim and ffn_hidden_size {sizes} (and be even for INT4)")
         if self.position_scheme == "glm_2d" and None in (self.bos_token_id, self.mask_token_id, self.gmask_token_id):
             problems.append("position_scheme 'glm_2d' needs bos_token_id, mask_token_id and gmask_token_id")
         if self.position_scheme == "glm130b" and None in (self.bos_token_id, self.mask_token_id):

@@ -290,8 +290,9 @@ def tensor_maps(config: GLMConfig) -> list[TensorMap]:
         raise ValueError(f"no checkpoint layout for family {config.family!r}")
     if config.quantization_bit and config.family not in _QUANTIZED_FAMILIES:
         raise ValueError(f"family {config.family!r} has no official INT{config.quantization_bit} checkpoint layout")
-    if config.quantize_embeddings:
-        raise ValueError("quantized word embeddings (quantize_embeddings) have no official checkpoint layout here")
+    if config.quantize_embeddings or config.quantization_group_size:
+        raise ValueError("quantized word embeddings and group-wise scales (quantize_embeddings, "
+                         "quantization_group_size) have no official checkpoint layout")
     return _TABLES[config.family](config)
 
 

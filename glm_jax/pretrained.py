@@ -156,6 +156,7 @@ def load_pretrained(
     dtype: str | None = None,
     quantization: str | None = None,
     quantize_embeddings: bool = False,
+    quantization_group_size: int = 0,
     mesh: Mesh | None = None,
     prefix: str | None = None,
     lora: str | None = None,
@@ -168,8 +169,9 @@ def load_pretrained(
     `quantization` "int8" / "int4" quantizes the Linear weights of a float checkpoint with the
     official scheme (None: load as stored; quantized checkpoints, official or converted, stay
     quantized); `quantize_embeddings` also quantizes the word embedding (tied output layer) per
-    token row with the same bits, the official `-qe` scheme; `mesh` places every param with its logical sharding; `prefix` is a P-Tuning v2
-    checkpoint directory whose prefix encoder is loaded on top (its `pre_seq_len`/`prefix_projection` apply);
+    token row with the same bits, the official `-qe` scheme; `quantization_group_size` > 0 gives
+    every group of that many input values its own scale (more accurate, no official layout);
+    `mesh` places every param with its logical sharding; `prefix` is a P-Tuning v2 checkpoint directory whose prefix encoder is loaded on top (its `pre_seq_len`/`prefix_projection` apply);
     `lora` is a PEFT LoRA adapter directory attached unmerged (`glm_jax.training.peft.attach_lora`).
     """
     if quantization not in _QUANTIZATION_BITS:
@@ -185,8 +187,9 @@ def load_pretrained(
         raise CheckpointError(f"{path} holds an INT{config.quantization_bit} checkpoint; "
                               f"quantization={quantization!r} would quantize it twice")
     quantize = bool(bits) and not config.quantization_bit
-    if quantize_embeddings and not quantize:
-        raise ValueError("quantize_embeddings=True needs quantization='int8' or 'int4' on a float checkpoint")
+    if (quantize_embeddings or quantization_group_size) and not quantize:
+        raise ValueError("quantize_embeddings / quantization_group_size need quantization='int8' or 'int4' "
+                         "on a float checkpoint")
     prefix_maps: list[TensorMap] = []
     if prefix is not None:
         config, _, prefix_maps = _read_prefix(prefix, config)
@@ -206,8 +209,9 @@ def load_pretrained(
         else:
             params = read_official_params(path, config, shapes, tensor_maps(config), np_dtype, set(ignored_keys(config)))
         if quantize:
-            params = quantize_params(params, bits, embeddings=quantize_embeddings)
-            config = config.replace(quantization_bit=bits, quantize_embeddings=quantize_embeddings)
+            config = config.replace(quantization_bit=bits, quantize_embeddings=quantize_embeddings,
+                                    quantization_group_size=quantization_group_size)  # validates first
+            params = quantize_params(params, bits, embeddings=quantize_embeddings, group_size=quantization_group_size)
             model = GLMForCausalLM(config)
             abstract = abstract_params(model)
         shardings = logical_shardings(abstract, mesh, rules) if mesh is not None else None

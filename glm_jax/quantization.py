@@ -10,7 +10,12 @@ Our Linear kernels are `[*in, *out]` (the transpose of PyTorch's `[out, in]`), s
 means one scale per output feature and the packed axis is the last *input* axis: a quantized kernel
 `qkernel` is int8 of shape `[*in[:-1], in[-1] * bits / 8, *out]` and `qscale` has shape `[*out]`.
 Packing along the input axis keeps the official bytes: an official INT4 weight `[out, in/2]` is our
-`qkernel` transposed, byte for byte. The functions work on NumPy arrays and, where noted, on JAX
+`qkernel` transposed, byte for byte.
+
+Group-wise scales (not an official format; a higher-accuracy mode): with a group size G, each run of
+G consecutive values of the last input axis gets its own scale, `qscale [*in[:-1], in[-1] / G, *out]`
+(same rounding otherwise). Functions that read a quantized kernel tell the two apart by the rank of
+`qscale` (per-row scales have the output axes only). The functions work on NumPy arrays and, where noted, on JAX
 arrays inside `jit` (the model dequantizes inside its matmul).
 """
 
@@ -79,25 +84,45 @@ def unpack_int4(packed: Any, axis: int = -1) -> Any:
     return pairs.reshape(*packed.shape[:axis], packed.shape[axis] * 2, *packed.shape[axis + 1:])
 
 
-def quantize_kernel(kernel: np.ndarray, bits: int, in_dims: int = 1, batch_dims: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def check_group_size(size: int, group_size: int, bits: int) -> int:
+    """`group_size` if it splits an input axis of `size` values into whole groups (of whole INT4 bytes)."""
+    if group_size < 0 or (group_size and (size % group_size or (bits == 4 and group_size % 2))):
+        raise ValueError(f"quantization group size {group_size} must divide the input size {size}"
+                         + (" and be even for INT4" if bits == 4 else ""))
+    return group_size
+
+
+def _split_groups(array: Any, axis: int, group_size: int) -> Any:
+    """`array` with `axis` split into (groups, group_size)."""
+    return array.reshape(*array.shape[:axis], array.shape[axis] // group_size, group_size, *array.shape[axis + 1:])
+
+
+def quantize_kernel(
+    kernel: np.ndarray, bits: int, in_dims: int = 1, batch_dims: int = 0, group_size: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """`(qkernel, qscale)` of a float kernel `[*batch, *in, *out]` with the official float16 numerics.
 
     `batch_dims` leading axes (e.g. the stacked layer axis) are quantized independently.
+    `group_size` > 0: one scale per group of that many values of the last input axis.
     """
     check_bits(bits)
     w = np.asarray(kernel).astype(np.float16)
-    in_axes = tuple(range(batch_dims, batch_dims + in_dims))
-    packed_size(w.shape[batch_dims + in_dims - 1], bits)
-    row_max = np.abs(w).max(axis=in_axes)
+    last = batch_dims + in_dims - 1
+    packed_size(w.shape[last], bits)
+    if check_group_size(w.shape[last], group_size, bits):
+        w, reduced = _split_groups(w, last, group_size), (last + 1,)
+    else:
+        reduced = tuple(range(batch_dims, batch_dims + in_dims))
+    row_max = np.abs(w).max(axis=reduced)
     # float16 `max / (2^(bits-1) - 1)` and float16 `w / scale`, each rounded once like the torch ops.
     scale = (row_max.astype(np.float32) / np.float32(2 ** (bits - 1) - 1)).astype(np.float16)
-    scale_b = np.expand_dims(scale, in_axes)
+    scale_b = np.expand_dims(scale, reduced)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = (w.astype(np.float32) / scale_b.astype(np.float32)).astype(np.float16)
     ratio = np.where(scale_b == 0, np.float16(0), ratio)  # an all-zero row quantizes to zeros
-    q = np.round(ratio).astype(np.int8)
+    q = np.round(ratio).astype(np.int8).reshape(np.shape(kernel))
     if bits == 4:
-        q = pack_int4(q, axis=batch_dims + in_dims - 1)
+        q = pack_int4(q, axis=last)
     return q, scale
 
 
@@ -107,14 +132,24 @@ def unpack_kernel(qkernel: Any, bits: int, in_dims: int = 1, batch_dims: int = 0
     return unpack_int4(qkernel, axis=batch_dims + in_dims - 1) if bits == 4 else qkernel
 
 
+def _apply_scale(values: Any, qscale: Any, in_dims: int, batch_dims: int = 0) -> Any:
+    """`values [*batch, *in, *out] * scale` for per-row or group-wise `qscale` (told apart by rank)."""
+    xp = _xp(values)
+    last = batch_dims + in_dims - 1
+    if qscale.ndim == values.ndim:  # group-wise: [*batch, *in[:-1], groups, *out]
+        group_size = values.shape[last] // qscale.shape[last]
+        grouped = _split_groups(values, last, group_size) * xp.expand_dims(qscale, last + 1)
+        return grouped.reshape(values.shape)
+    return values * xp.expand_dims(qscale, tuple(range(batch_dims, batch_dims + in_dims)))
+
+
 def dequantize_kernel(
     qkernel: np.ndarray, qscale: np.ndarray, bits: int, in_dims: int = 1, batch_dims: int = 0,
     dtype: Any = np.float32,
 ) -> np.ndarray:
     """`q * scale` in float32 (the converter's dequantization, spec §1.7), cast to `dtype`."""
     values = unpack_kernel(np.asarray(qkernel), bits, in_dims, batch_dims).astype(np.float32)
-    scale = np.expand_dims(np.asarray(qscale).astype(np.float32), tuple(range(batch_dims, batch_dims + in_dims)))
-    return (values * scale).astype(dtype)
+    return _apply_scale(values, np.asarray(qscale).astype(np.float32), in_dims, batch_dims).astype(dtype)
 
 
 def quantize_official(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,12 +172,14 @@ TILED_MAX_ROWS = 16
 TILE_VALUES = 1 << 17
 
 
-def quantized_dot(x: jax.Array, qkernel: jax.Array, qscale: jax.Array, bits: int, in_dims: int, dtype: Any) -> jax.Array:
+def quantized_dot(
+    x: jax.Array, qkernel: jax.Array, qscale: jax.Array, bits: int, in_dims: int, dtype: Any,
+) -> jax.Array:
     """`x · dequantize(qkernel, qscale)` contracting the last `in_dims` axes of `x`, float32 result.
 
-    The scale is per output feature, so it is applied after the matmul: `(x · q) * scale` equals
-    `x · (q * scale)` up to float rounding, and the int values (|q| <= 127) are exact in every float
-    dtype, including bfloat16.
+    A per-row scale is applied after the matmul: `(x · q) * scale` equals `x · (q * scale)` up to
+    float rounding, and the int values (|q| <= 127) are exact in every float dtype, including
+    bfloat16. Group-wise scales multiply each group's partial sum (tiled) or the weight (untiled).
 
     XLA's CPU dots read float32 operands only: a dequantized weight is written out in full and read
     back (more bytes than the float32 weight itself), so on CPU a few rows (decoding) go through
@@ -151,40 +188,60 @@ def quantized_dot(x: jax.Array, qkernel: jax.Array, qscale: jax.Array, bits: int
     """
     rows = math.prod(x.shape[:x.ndim - in_dims])
     if rows <= TILED_MAX_ROWS and jax.default_backend() == "cpu":
-        y = _tiled_dot(x.astype(dtype), qkernel, bits, in_dims)
-    else:
-        values = unpack_kernel(qkernel, bits, in_dims).astype(dtype)
-        contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
-        y = jax.lax.dot_general(x.astype(dtype), values, (contract, ((), ())), preferred_element_type=jnp.float32)
-    return y * qscale.astype(jnp.float32)
+        return _tiled_dot(x.astype(dtype), qkernel, qscale, bits, in_dims)
+    # INT4 stays split: high nibbles meet the even input columns, low nibbles the odd ones (an
+    # interleaved unpack is a slow gather on CPU).
+    x = x.astype(dtype)
+    parts = ((x, qkernel),) if bits == 8 else ((x[..., 0::2], qkernel >> 4), (x[..., 1::2], (qkernel << 4) >> 4))
+    grouped = qscale.ndim == qkernel.ndim
+    contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
+    y = 0
+    for xp, values in parts:
+        if grouped:
+            values = _apply_scale(values.astype(jnp.float32), qscale.astype(jnp.float32), in_dims)
+        y = y + jax.lax.dot_general(xp, values.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32)
+    return y if grouped else y * qscale.astype(jnp.float32)
 
 
-def _tiled_dot(x: jax.Array, qkernel: jax.Array, bits: int, in_dims: int) -> jax.Array:
-    """`x · unpack(qkernel)` (no scale) as a loop over tiles of input rows, each converted to float32
+def _tiled_dot(x: jax.Array, qkernel: jax.Array, qscale: jax.Array, bits: int, in_dims: int) -> jax.Array:
+    """`x · dequantize(qkernel, qscale)` as a loop over tiles of input rows, each converted to float32
     just before its dot (`x` already rounded to the compute dtype; float32 math, as XLA's CPU dot
     does for every dtype).
 
     INT4 is never interleaved back: packed row j holds input rows 2j (high nibble) and 2j+1 (low
     nibble), so the tile's high and low nibbles meet the even and odd input columns in two dots.
+    Group-wise scales: a tile holds whole groups, each group's dot is scaled before the sum.
     """
     lead, out_shape = x.shape[:x.ndim - in_dims], qkernel.shape[in_dims:]
     packed = qkernel.reshape(-1, math.prod(out_shape))
     rows, cols = packed.shape
-    tile = _largest_divisor(rows, max(1, TILE_VALUES // cols))
-    tiles = packed.reshape(rows // tile, tile, cols)
+    grouped = qscale.ndim == qkernel.ndim
+    scales = qscale.astype(jnp.float32).reshape(-1, cols) if grouped else None
+    group_rows = rows // scales.shape[0] if grouped else 1  # packed rows per scale row
+    tile = group_rows * _largest_divisor(rows // group_rows, max(1, TILE_VALUES // (cols * group_rows)))
+    tiles = packed.reshape(rows // tile, tile // group_rows, group_rows, cols)
     x = x.astype(jnp.float32).reshape(-1, rows * 8 // bits)
     parts = (x,) if bits == 8 else (x[:, 0::2], x[:, 1::2])
-    parts = tuple(p.reshape(p.shape[0], rows // tile, tile).transpose(1, 0, 2) for p in parts)
+    parts = tuple(p.reshape(p.shape[0], rows // tile, tile // group_rows, group_rows).transpose(1, 0, 2, 3)
+                  for p in parts)
+    inputs = (tiles, *parts) + ((scales.reshape(rows // tile, tile // group_rows, cols),) if grouped else ())
 
-    def step(acc: jax.Array, inputs: tuple) -> tuple[jax.Array, None]:
-        q, *xs = inputs
+    def step(acc: jax.Array, tile_inputs: tuple) -> tuple[jax.Array, None]:
+        q, *xs = tile_inputs[:1 + len(parts)]
         weights = (q,) if bits == 8 else (q >> 4, (q << 4) >> 4)
+        if grouped:  # per group: [groups, M, cols], scaled, summed
+            partial = sum(jnp.einsum("mgk,gkc->gmc", xt, w.astype(jnp.float32), preferred_element_type=jnp.float32)
+                          for xt, w in zip(xs, weights))
+            return acc + jnp.sum(partial * tile_inputs[-1][:, None, :], axis=0), None
         for xt, w in zip(xs, weights):
-            acc = acc + jnp.dot(xt, w.astype(jnp.float32), preferred_element_type=jnp.float32)
+            acc = acc + jnp.dot(xt.reshape(xt.shape[0], -1), w.reshape(-1, cols).astype(jnp.float32),
+                                preferred_element_type=jnp.float32)
         return acc, None
 
     acc = jnp.zeros((x.shape[0], cols), jnp.float32)
-    acc, _ = jax.lax.scan(step, acc, (tiles, *parts))
+    acc, _ = jax.lax.scan(step, acc, inputs)
+    if not grouped:
+        acc = acc * qscale.astype(jnp.float32).reshape(cols)
     return acc.reshape(*lead, *out_shape)
 
 
@@ -222,7 +279,9 @@ def quantized_dot_rows(x: jax.Array, qweight: jax.Array, qscale: jax.Array, bits
     return y.transpose(1, 0, 2).reshape(*lead, rows)
 
 
-def quantized_embedding_lookup(ids: jax.Array, qweight: jax.Array, qscale: jax.Array, bits: int, dtype: Any) -> jax.Array:
+def quantized_embedding_lookup(
+    ids: jax.Array, qweight: jax.Array, qscale: jax.Array, bits: int, dtype: Any,
+) -> jax.Array:
     """Rows `ids` of a quantized embedding, `q * scale` rounded once to `dtype` (the official
     `QuantizedEmbedding` computes the same product in float16)."""
     values = jnp.take(qweight, ids, axis=0)
@@ -257,10 +316,11 @@ def is_quantized_linear(path: tuple[str, ...]) -> bool:
     return len(path) >= 3 and path[0] == "layers" and tuple(path[-2:]) in QUANTIZED_LINEARS
 
 
-def quantize_params(params: dict, bits: int, embeddings: bool = False) -> dict:
+def quantize_params(params: dict, bits: int, embeddings: bool = False, group_size: int = 0) -> dict:
     """A float param tree (NumPy leaves, layers stacked) with every quantizable kernel replaced by
-    `qkernel`/`qscale` and, with `embeddings`, the word embedding by `qembedding`/`qscale` (per token
-    row, the official `-qe` scheme); other leaves are kept as they are."""
+    `qkernel`/`qscale` (group-wise scales with `group_size` > 0) and, with `embeddings`, the word
+    embedding by `qembedding`/`qscale` (per token row, the official `-qe` scheme); other leaves are
+    kept as they are."""
 
     def visit(node: dict, path: tuple[str, ...]) -> dict:
         out = {}
@@ -268,7 +328,7 @@ def quantize_params(params: dict, bits: int, embeddings: bool = False) -> dict:
             if isinstance(value, dict):
                 out[name] = visit(value, (*path, name))
             elif name == "kernel" and is_quantized_linear(path):
-                q, s = quantize_kernel(np.asarray(value), bits, _linear_in_dims(path), batch_dims=1)
+                q, s = quantize_kernel(np.asarray(value), bits, _linear_in_dims(path), 1, group_size)
                 out[QKERNEL], out[QSCALE] = q, s
             elif embeddings and path == ("word_embeddings",) and name == "embedding":
                 out[QEMBEDDING], out[QSCALE] = quantize_official(np.asarray(value), bits)
@@ -280,8 +340,8 @@ def quantize_params(params: dict, bits: int, embeddings: bool = False) -> dict:
 
 
 __all__ = [
-    "BITS", "QEMBEDDING", "QKERNEL", "QSCALE", "QUANTIZED_LINEARS", "dequantize_kernel", "dequantize_official",
-    "format_param_bytes", "is_quantized_linear", "pack_int4", "packed_size", "param_bytes_by_dtype",
-    "quantize_kernel", "quantize_official", "quantize_params", "quantized_dot", "quantized_dot_rows",
-    "quantized_embedding_lookup", "unpack_int4", "unpack_kernel",
+    "BITS", "QEMBEDDING", "QKERNEL", "QSCALE", "QUANTIZED_LINEARS", "check_group_size", "dequantize_kernel",
+    "dequantize_official", "format_param_bytes", "is_quantized_linear", "pack_int4", "packed_size",
+    "param_bytes_by_dtype", "quantize_kernel", "quantize_official", "quantize_params", "quantized_dot",
+    "quantized_dot_rows", "quantized_embedding_lookup", "unpack_int4", "unpack_kernel",
 ]

@@ -117,22 +117,54 @@ def test_kernel_layout_is_the_transposed_official_layout(weight, bits):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("lead", [(2, 3), (4, 5)])  # 6 rows: tiled CPU path; 20 rows: dequantize-then-dot
 @pytest.mark.parametrize("tile_values", [q.TILE_VALUES, 48])  # one tile; several tiles of 3 packed rows
-def test_quantized_linear_applies_the_dequantized_weight(bits, lead, tile_values, monkeypatch):
+@pytest.mark.parametrize("group", [0, 4])  # per-row scales; a scale per 4 values of head_dim
+def test_quantized_linear_applies_the_dequantized_weight(bits, lead, tile_values, group, monkeypatch):
     """The model's quantized Linear equals x @ dequantize(W) + b computed in float64 NumPy."""
     monkeypatch.setattr(q, "TILE_VALUES", tile_values)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((*lead, 4, 12)).astype(np.float32)  # in_dims=2: [heads=4, head_dim=12]
-    layer = Linear((16,), ("heads", "head_dim", "embed"), in_dims=2, quantization_bit=bits)
+    layer = Linear((16,), ("heads", "head_dim", "embed"), in_dims=2, quantization_bit=bits,
+                   quantization_group_size=group)
     params = nn.unbox(layer.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"])
     assert params["qkernel"].shape == (4, 12 * bits // 8, 16) and params["qkernel"].dtype == jnp.int8
+    assert params["qscale"].shape == ((4, 12 // group, 16) if group else (16,))
     kernel = rng.standard_normal((4, 12, 16)).astype(np.float32)
-    qkernel, scale = q.quantize_kernel(kernel, bits, in_dims=2)
+    qkernel, scale = q.quantize_kernel(kernel, bits, in_dims=2, group_size=group)
     bias = rng.standard_normal(16).astype(np.float32)
     params = {"qkernel": qkernel, "qscale": scale.astype(np.float32), "bias": bias}
     y = np.asarray(jax.jit(layer.apply)({"params": params}, x))
-    w = q.unpack_kernel(qkernel, bits, in_dims=2).astype(np.float64) * scale.astype(np.float64)
+    values = q.unpack_kernel(qkernel, bits, in_dims=2).astype(np.float64)
+    # Scale of weight [h, d, e]: scale[e] per row, scale[h, d // group, e] group-wise.
+    w = values * (scale[:, np.arange(12) // group, :] if group else scale).astype(np.float64)
     expected = np.einsum("bshd,hde->bse", x.astype(np.float64), w) + bias
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_group_wise_scales_are_the_official_arithmetic_per_group(weight, bits):
+    """Group-wise quantization of `[out, in]` equals the official per-row arithmetic applied to every
+    group of 8 input columns as if it were a row of its own."""
+    out, width, group = weight.shape[0], weight.shape[1], 8
+    values, scale = official_quantize(weight.reshape(out * width // group, group), bits)
+    qkernel, qscale = q.quantize_kernel(weight.T, bits, group_size=group)
+    assert qscale.shape == (width // group, out) and qscale.dtype == np.float16
+    np.testing.assert_array_equal(qscale, scale.reshape(out, width // group).T)
+    expected = values.reshape(out, width)
+    np.testing.assert_array_equal(qkernel.T, reference_pack(expected) if bits == 4 else expected)
+    with pytest.raises(ValueError, match="group size"):
+        q.quantize_kernel(weight.T, 4, group_size=5)
+
+
+def test_group_wise_int4_reconstructs_weights_more_closely():
+    """Smaller groups, smaller steps: INT4 with a scale per 16 inputs is closer to a (heavy-tailed)
+    float kernel than with one scale per output row."""
+    kernel = np.random.default_rng(5).standard_t(4, (256, 64)).astype(np.float32) * 0.02
+
+    def error(group: int) -> float:
+        qkernel, scale = q.quantize_kernel(kernel, 4, group_size=group)
+        return float(np.linalg.norm(q.dequantize_kernel(qkernel, scale, 4) - kernel))
+
+    assert error(16) < 0.8 * error(0)
 
 
 def materialised_float_buffers(hlo_text: str, min_elements: int) -> list[str]:
@@ -160,15 +192,15 @@ def materialised_float_buffers(hlo_text: str, min_elements: int) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_decode_step_never_writes_a_dequantized_weight(bits, monkeypatch):
+@pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 16)])
+def test_decode_step_never_writes_a_dequantized_weight(bits, group, monkeypatch):
     """One compiled decode step of an INT8/INT4 model: every float buffer it writes is far smaller than
     any of its weights (dequantization happens tile by tile, inside the cache), while the same step
     with the untiled dequantize-then-dot path does write whole float weights (the check can fail)."""
     from glm_jax.config import preset
     from glm_jax.modeling.transformer import GLMForCausalLM
 
-    config = preset("chatglm-tiny", quantization_bit=bits)
+    config = preset("chatglm-tiny", quantization_bit=bits, quantization_group_size=group)
     model = GLMForCausalLM(config)
     cache_len = 8
     ids, positions = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 2, 1), jnp.int32)
@@ -184,7 +216,7 @@ def test_decode_step_never_writes_a_dequantized_weight(bits, monkeypatch):
     smallest_weight = config.hidden_size * config.hidden_size
     monkeypatch.setattr(q, "TILE_VALUES", smallest_weight // 16)
     tiled = jax.jit(step).lower(params, cache).compile().as_text()
-    assert materialised_float_buffers(tiled, smallest_weight // 4) == []
+    assert materialised_float_buffers(tiled, smallest_weight // 2) == []
     monkeypatch.setattr(q, "TILED_MAX_ROWS", 0)
     untiled = jax.jit(lambda p, c: step(p, c)).lower(params, cache).compile().as_text()  # traced anew
     assert len(materialised_float_buffers(untiled, smallest_weight)) >= 4  # q, k, v, dense, up, down
@@ -233,8 +265,8 @@ def dequantized_float_params(qparams: dict, bits: int) -> dict:
 
 
 # INT4 with 10 rows: tiled layers; INT8 with 20 rows: dequantize-then-dot (the Linear test covers the rest).
-@pytest.mark.parametrize("bits, batch, length", [(4, 2, 5), (8, 1, 20)])
-def test_quantized_model_equals_float_model_on_dequantized_weights(bits, batch, length, monkeypatch):
+@pytest.mark.parametrize("bits, batch, length, group", [(4, 2, 5, 0), (8, 1, 20, 0), (4, 2, 5, 32)])
+def test_quantized_model_equals_float_model_on_dequantized_weights(bits, batch, length, group, monkeypatch):
     """Quantized layers and (optionally) the quantized tied embedding/output layer give the logits of
     the float model whose weights are the dequantized ones."""
     from glm_jax.config import preset
@@ -248,19 +280,24 @@ def test_quantized_model_equals_float_model_on_dequantized_weights(bits, batch, 
     params = jax.tree.map(np.asarray, nn.unbox(float_model.init(jax.random.PRNGKey(1), jnp.asarray(ids))["params"]))
     float_apply = jax.jit(float_model.apply)
     for embeddings in (False, True):
-        qparams = q.quantize_params(params, bits, embeddings=embeddings)
+        qparams = q.quantize_params(params, bits, embeddings=embeddings, group_size=group)
         assert (q.QEMBEDDING in qparams["word_embeddings"]) == embeddings
-        qmodel = GLMForCausalLM(config.replace(quantization_bit=bits, quantize_embeddings=embeddings))
+        qmodel = GLMForCausalLM(config.replace(quantization_bit=bits, quantize_embeddings=embeddings,
+                                               quantization_group_size=group))
         logits = jax.jit(qmodel.apply)({"params": qparams}, ids)
         expected = float_apply({"params": dequantized_float_params(qparams, bits)}, ids)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-4, atol=1e-4)
 
 
-def test_quantized_embeddings_need_quantized_tied_weights():
+def test_quantized_embeddings_and_groups_need_quantized_weights():
     from glm_jax.config import preset
 
     with pytest.raises(ValueError, match="quantize_embeddings"):
         preset("chatglm-tiny", quantize_embeddings=True)
+    with pytest.raises(ValueError, match="quantization_group_size"):
+        preset("chatglm-tiny", quantization_group_size=32)
+    with pytest.raises(ValueError, match="quantization_group_size"):
+        preset("chatglm-tiny", quantization_bit=4, quantization_group_size=48)  # 48 does not divide 128
 
 
 def test_glm_generate_quantizes_on_load_and_reports_param_bytes(chat_model_dir, chat_tok, tmp_path):  # noqa: F811
@@ -274,8 +311,8 @@ def test_glm_generate_quantizes_on_load_and_reports_param_bytes(chat_model_dir, 
     model, params = load_pretrained(str(chat_model_dir), quantization="int4")
     prompt = "你好"
     result = subprocess.run(
-        [sys.executable, "-m", "glm_jax.cli.generate", f"--compilation_cache_dir={tmp_path}", f"--model={chat_model_dir}",
-         f"--prompt={prompt}", "--max_new_tokens=5", "--quantization=int4", "--verbose"],
+        [sys.executable, "-m", "glm_jax.cli.generate", f"--compilation_cache_dir={tmp_path}",
+         f"--model={chat_model_dir}", f"--prompt={prompt}", "--max_new_tokens=5", "--quantization=int4", "--verbose"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     tokens = generate(model, params, [chat_tok.encode(prompt)], max_new_tokens=5)[0]

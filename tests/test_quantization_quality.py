@@ -5,7 +5,8 @@ scaled down, blank infilling on the shipped public-domain corpus), shortened to 
 trained without the last paragraphs of the corpus, which serve as held-out text. The
 float32 model is the reference: INT8 logits must stay within 1% relative error of it and INT4 must
 pick the same greedy token at >= 90% of the held-out positions (the acceptance bar of the
-quantization issue), with and without the quantized word embedding / output layer.
+quantization issue), with and without the quantized word embedding / output layer, and with group-wise
+INT4 scales.
 """
 
 import json
@@ -104,9 +105,11 @@ def test_quantized_models_track_the_float_model_on_held_out_text(trained):
                              q.quantize_params(params, 8, embeddings=embeddings), ids)
         relative = np.linalg.norm(int8 - reference) / np.linalg.norm(reference)
         assert relative < 0.01, f"INT8 (embeddings quantized: {embeddings}) logits off by {relative:.2%}"
-        int4 = target_logits(model_config.replace(quantization_bit=4, quantize_embeddings=embeddings),
-                             q.quantize_params(params, 4, embeddings=embeddings), ids)
+    for embeddings, group in ((False, 0), (True, 0), (False, 16)):
+        int4 = target_logits(model_config.replace(quantization_bit=4, quantize_embeddings=embeddings,
+                                                  quantization_group_size=group),
+                             q.quantize_params(params, 4, embeddings=embeddings, group_size=group), ids)
         agree = np.mean(int4.argmax(-1) == reference.argmax(-1))
-        assert agree >= 0.9, f"INT4 (embeddings quantized: {embeddings}) greedy tokens agree on {agree:.1%}"
+        assert agree >= 0.9, f"INT4 (embeddings {embeddings}, group {group}) greedy tokens agree on {agree:.1%}"
         # Quantization noise costs little: held-out NLL within 5% of the float model's.
         assert nll(int4, ids) < 1.05 * nll(reference, ids)

@@ -38,7 +38,8 @@ class Linear(nn.Module):
 
     With `quantization_bit` 8 or 4 the weight is stored as `qkernel` (int8, INT4 packed in pairs
     along the last input axis) plus a per-output-feature `qscale`, and dequantized inside the matmul
-    (`glm_jax.quantization`, the official ChatGLM scheme).
+    (`glm_jax.quantization`, the official ChatGLM scheme); `quantization_group_size` > 0 gives every
+    group of that many values of the last input axis its own scale (`qscale [*in[:-1], groups, *out]`).
 
     With `lora_rank` > 0 it owns a LoRA `lora_b [rank, *features]` (zeros) and adds
     `lora_scale · lora_x · lora_b`, where `lora_x` is the output of the adapter's `LoRADown`, which
@@ -53,6 +54,7 @@ class Linear(nn.Module):
     param_dtype: str = "float32"
     init_stddev: float = 0.02
     quantization_bit: int = 0
+    quantization_group_size: int = 0
     lora_rank: int = 0
     lora_scale: float = 1.0
 
@@ -65,8 +67,12 @@ class Linear(nn.Module):
             packed = (*in_shape[:-1], quantization.packed_size(in_shape[-1], bits))
             qkernel = self.param(quantization.QKERNEL, nn.with_logical_partitioning(nn.initializers.zeros, self.axes),
                                  (*packed, *self.features), jnp.int8)
-            scale_init = nn.with_logical_partitioning(nn.initializers.ones, self.axes[self.in_dims:])
-            qscale = self.param(quantization.QSCALE, scale_init, self.features, as_dtype(self.param_dtype))
+            group = quantization.check_group_size(in_shape[-1], self.quantization_group_size, bits)
+            scale_shape, scale_axes = self.features, self.axes[self.in_dims:]
+            if group:  # the groups axis takes the place (and the sharding) of the last input axis
+                scale_shape, scale_axes = (*in_shape[:-1], in_shape[-1] // group, *scale_shape), self.axes
+            scale_init = nn.with_logical_partitioning(nn.initializers.ones, scale_axes)
+            qscale = self.param(quantization.QSCALE, scale_init, scale_shape, as_dtype(self.param_dtype))
             y = quantization.quantized_dot(x, qkernel, qscale, bits, self.in_dims, dtype)
         else:
             kernel = self.param(
@@ -115,7 +121,8 @@ class QuantizedEmbed(nn.Module):
 
     def attend(self, x: Array) -> Array:
         cfg = self.config
-        return quantization.quantized_dot_rows(x, self.qembedding, self.qscale, cfg.quantization_bit, as_dtype(cfg.dtype))
+        return quantization.quantized_dot_rows(x, self.qembedding, self.qscale, cfg.quantization_bit,
+                                               as_dtype(cfg.dtype))
 
 
 class LoRADown(nn.Module):
@@ -285,7 +292,8 @@ class Attention(nn.Module):
         prefix_kv: tuple[Array, Array] | None,
     ) -> Array:
         cfg = self.config
-        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, quantization_bit=cfg.quantization_bit)
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, quantization_bit=cfg.quantization_bit,
+                     quantization_group_size=cfg.quantization_group_size)
         qkv_lora = lora_down(cfg, "query_key_value", ("embed",), x, self.deterministic)
         qkv = dict(dense, **lora_fields(cfg, qkv_lora))
         q_axes, kv_axes = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
@@ -342,7 +350,7 @@ class MLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias,
-                     quantization_bit=cfg.quantization_bit)
+                     quantization_bit=cfg.quantization_bit, quantization_group_size=cfg.quantization_group_size)
         in_lora = lora_down(cfg, "dense_h_to_4h", ("embed",), x, self.deterministic)
         up = Linear((cfg.ffn_hidden_size,), ("embed", "mlp"), name="up", **dense, **lora_fields(cfg, in_lora))(x, in_lora)
         if cfg.mlp_type == "gelu":
