@@ -153,7 +153,8 @@ def _feed_last_token(plan: DecodePlan, params: Any, state: DecodeState) -> Decod
     """Feeds the last chosen token (one per row) through the model, updating cache and logits."""
     cfg = plan.model.config
     token = lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)
-    positions = next_position_ids(cfg, state.positions)
+    fed = jnp.sum(state.prompt_valid, axis=1) + state.step - 2  # index of the last token fed, among real ones
+    positions = next_position_ids(cfg, state.positions, fed)
     slot = plan.prompt_len + state.step - 1  # cache slot this token is written to
     generated = jnp.arange(plan.cache_len - plan.prompt_len) + plan.prompt_len <= slot
     keys = jnp.concatenate([state.prompt_valid, jnp.broadcast_to(generated, (plan.batch, generated.shape[0]))], axis=1)
@@ -277,6 +278,8 @@ def _check_prompts(config: GLMConfig, prompts: Sequence[Sequence[int]]) -> list[
                     f"prompt {i} has neither [gMASK] (id {config.gmask_token_id}) nor [MASK] "
                     f"(id {config.mask_token_id}): the generated block needs a mask position"
                 )
+        if config.position_scheme == "glm130b" and config.bos_token_id not in ids:
+            raise ValueError(f"prompt {i} has no <sop> (id {config.bos_token_id}): GLM-130B prompts end with <sop>")
         checked.append([int(t) for t in ids])
     return checked
 

@@ -147,15 +147,25 @@ def positions_and_mask(
     return positions[:, None, :], mask
 
 
-def next_position_ids(config: GLMConfig, last_position_ids: jnp.ndarray) -> jnp.ndarray:
+def next_position_ids(
+    config: GLMConfig, last_position_ids: jnp.ndarray, last_index: jnp.ndarray | None = None
+) -> jnp.ndarray:
     """Positions `[B, R]` of the token fed right after the one at `last_position_ids` (spec §1.5.3).
 
     GLM 2D: the position stays at the mask position and the block position counts up (what the
     official `generate` does by copying the last column and incrementing row 1). Causal: the
-    position counts up.
+    position counts up. GLM-130B (spec 3.1): with a [MASK]/[sMASK] blank every token from `<sop>` on
+    sits at the mask position, with [gMASK] positions count on; which of the two applies is read off
+    the last token, whose position equals its own index (`last_index` `[B]`, its index among the
+    row's real tokens) only when they count on, since a blank's mask lies before `<sop>`.
     """
     if config.position_scheme == "glm_2d":
         return last_position_ids.at[:, 1].add(1)
     if config.position_scheme == "causal":
         return last_position_ids + 1
+    if config.position_scheme == "glm130b":
+        if last_index is None:
+            raise ValueError("the glm130b position scheme needs last_index to decode")
+        counting = last_position_ids == jnp.asarray(last_index)[:, None]
+        return jnp.where(counting, last_position_ids + 1, last_position_ids)
     raise ValueError(f"no decode position rule for position_scheme {config.position_scheme!r}")
