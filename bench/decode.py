@@ -57,6 +57,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls per case and round, o
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 2, "Rounds of (official side, then the JAX side); the best time of each case over all rounds counts.")
 _REFERENCE_THREADS = flags.DEFINE_integer("reference_threads", 2, "torch threads of the official side.")
+_SCAN_LAYERS = flags.DEFINE_boolean(
+    "scan_layers", False, "Load the stacked (scanned) layer layout instead of the per-layer one generation uses.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random checkpoints and of the prompts.")
 _WORK_DIR = flags.DEFINE_string("work_dir", os.path.join(common.BENCH_DIR, "_work"),
                                 "Scratch directory: random checkpoints and inputs.")
@@ -111,7 +113,7 @@ def time_to_first_token(model, params, prompt: list[int]) -> float:
 
 def bench_config(name: str, bandwidth: list[float], notes: list[str]) -> list[dict[str, Any]]:
     checkpoint = checkpoint_dir(name)
-    model, params = load_pretrained(checkpoint, dtype="float32")
+    model, params = load_pretrained(checkpoint, dtype="float32", scan_layers=_SCAN_LAYERS.value)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     n, n2 = _NEW_TOKENS.value, _NEW_TOKENS.value // 2 + 1
     batches = [int(b) for b in _BATCH.value]
@@ -201,6 +203,7 @@ def main(argv: list[str]) -> None:
         f"{_ROUNDS.value} round(s) x {_REPEATS.value} call(s) per side.",
         f"roofline = float32 weight bytes per decode step / step time / memory read bandwidth "
         f"(best of the run: {max(bandwidth):.1f} GB/s; KV-cache reads not counted).",
+        f"JAX params in the {'stacked (scanned)' if _SCAN_LAYERS.value else 'per-layer (scan_layers=False)'} layout.",
         "same_tokens: rows whose N greedy tokens are identical on both sides (the official side cannot pick "
         "eos: min_new_tokens).",
     ] + notes

@@ -148,7 +148,7 @@ def child_decode(variant: str) -> dict[str, Any]:
     if not tiled:
         quantization.TILED_MAX_ROWS = 0  # every matmul dequantizes the whole weight first
     model, params = load_pretrained(checkpoint_dir(_CONFIG.value), dtype=dtype, quantization=quant,
-                                    quantize_embeddings=embeddings, quantization_group_size=group)
+                                    quantize_embeddings=embeddings, quantization_group_size=group, scan_layers=False)
     rss_loaded = current_rss_mb()
     result = timed_generation(model, params, prompt(model.config, _PROMPT_LEN.value), _NEW_TOKENS.value)
     return dict(result, params_bytes=quantization.param_bytes_by_dtype(params), rss_loaded_mb=rss_loaded,
@@ -231,6 +231,7 @@ def decode_part(bandwidth: list[float]) -> tuple[list[dict], list[str]]:
         "-g128 = group-wise scales (one per 128 input values, float32).",
         f"roofline = params bytes (all read once per step) / step time / memory read bandwidth (best of the run: "
         f"{max(bandwidth):.1f} GB/s).",
+        "JAX params in the per-layer layout (scan_layers=False), as glm-generate / glm-chat load them.",
         "bf16 is slow here: XLA's CPU dots take float32 operands only, so every bf16 weight is converted to a "
         "float32 copy in every step (seen in the compiled HLO).",
     ]
@@ -292,7 +293,7 @@ def child_rss6b(variant: str) -> dict[str, Any]:
     from glm_jax.modeling.transformer import GLMForCausalLM
 
     _, quant, embeddings, _, _ = VARIANTS[variant]
-    config = preset("chatglm-6b", quantization_bit=int(quant[3:]), quantize_embeddings=embeddings)
+    config = preset("chatglm-6b", quantization_bit=int(quant[3:]), quantize_embeddings=embeddings, scan_layers=False)
     model = GLMForCausalLM(config)
     start = time.perf_counter()
     params = random_quantized_params(model, _SEED.value)

@@ -54,6 +54,8 @@ _SHAPES = flags.DEFINE_list(
     "weights and compute on both sides, the ~1B model's setting: float32 Adam state would not fit in 24 GiB "
     "next to other work).")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"], "JAX remat policy.")
+_SCAN_LAYERS = flags.DEFINE_boolean(
+    "scan_layers", True, "JAX layer layout: scanned stack (compile time independent of depth) or one block per layer.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per case (after one untimed step).")
 _COMPILE_6B = flags.DEFINE_string(
     "compile_6b", "1x2048", "BATCHxSEQ_LEN of the AOT-compiled ChatGLM-6B train step (bf16 compute, full remat); "
@@ -92,7 +94,8 @@ def training_batch(config, batch: int, seq_len: int) -> dict[str, np.ndarray]:
 
 def jax_case(name: str, dtype: str, batch: int, seq_len: int) -> dict[str, Any]:
     param_dtype, compute_dtype, _ = PRECISIONS[dtype]
-    config = preset(name).replace(dtype=compute_dtype, param_dtype=param_dtype, remat_policy=_REMAT.value)
+    config = preset(name).replace(dtype=compute_dtype, param_dtype=param_dtype, remat_policy=_REMAT.value,
+                                  scan_layers=_SCAN_LAYERS.value)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = GLMForCausalLM(config)
     tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=0, decay_steps=1000))

@@ -71,8 +71,9 @@ def read_glm_config(path: str) -> GLMConfig:
 
 
 def write_glm_config(path: str, config: GLMConfig) -> None:
+    """Stored params are always stacked, so the file says `scan_layers: true` whatever `config` says."""
     with open(os.path.join(path, GLM_CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=1, sort_keys=True)
+        json.dump(config.replace(scan_layers=True).to_dict(), f, indent=1, sort_keys=True)
 
 
 def aux_files(directory: str) -> list[str]:

@@ -33,6 +33,7 @@ import numpy as np
 from jax import lax
 
 from glm_jax.config import GLMConfig
+from glm_jax.modeling.layer_stack import model_for_params
 from glm_jax.modeling.transformer import GLMForCausalLM
 from glm_jax.positions import next_position_ids, positions_and_mask
 from glm_jax.sampling import SamplingParams, SamplingPlan, SamplingValues, choose_tokens
@@ -302,10 +303,11 @@ def _new_token_limit(config: GLMConfig, longest: int, max_new_tokens: int | None
 
 
 def _request(
-    model: GLMForCausalLM, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+    model: GLMForCausalLM, params: Any, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
     max_new_tokens: int | None, max_length: int | None, seed: int,
     stop_ids: Sequence[int] | None, prompt_buckets: Sequence[int] | None, keep_logits: bool = False,
 ) -> _Request:
+    model = model_for_params(model, params)
     config = model.config
     batch = _check_prompts(config, prompts)
     longest = max(len(p) for p in batch)
@@ -356,7 +358,7 @@ def generate_with_stats(
     """`generate` that also reports compile and run seconds and the buckets used; with
     `keep_logits`, also the raw logits each new token was chosen from (before sampling settings)."""
     sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
-    req = _request(model, prompts, sampling, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
+    req = _request(model, params, prompts, sampling, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
                    stop_ids=stop_ids, prompt_buckets=prompt_buckets, keep_logits=keep_logits)
     params = nn.unbox(params)
     args = (params, req.ids, req.valid, req.values, req.rng, np.int32(req.limit))
@@ -427,7 +429,7 @@ def stream_generate(
     if isinstance(tokens_per_yield, bool) or not isinstance(tokens_per_yield, int) or tokens_per_yield < 1:
         raise ValueError(f"tokens_per_yield must be an integer >= 1, got {tokens_per_yield!r}")
     sampling = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty)
-    req = _request(model, [prompt], sampling, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
+    req = _request(model, params, [prompt], sampling, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
                    stop_ids=stop_ids, prompt_buckets=prompt_buckets)
     params = nn.unbox(params)
     prefill_args = (params, req.ids, req.valid, req.values, req.rng)

@@ -22,6 +22,7 @@ from glm_jax import converted
 from glm_jax.config import GLMConfig, from_hf_config
 from glm_jax.hf_io import CheckpointError, iter_tensors, read_hf_config, weight_files
 from glm_jax.hf_layout import TIED_HEAD_KEY, TensorMap, ignored_keys, prefix_tensor_maps, tensor_maps
+from glm_jax.modeling.layer_stack import unstack_layers
 from glm_jax.modeling.transformer import GLMForCausalLM
 from glm_jax.quantization import quantize_params
 from glm_jax.sharding import LogicalRules, DEFAULT_RULES, logical_shardings
@@ -173,6 +174,9 @@ def load_pretrained(
     every group of that many input values its own scale (more accurate, no official layout);
     `mesh` places every param with its logical sharding; `prefix` is a P-Tuning v2 checkpoint directory whose prefix encoder is loaded on top (its `pre_seq_len`/`prefix_projection` apply);
     `lora` is a PEFT LoRA adapter directory attached unmerged (`glm_jax.training.peft.attach_lora`).
+    `scan_layers=False` (a GLMConfig field, passed through `config_overrides` like any other) returns
+    the per-layer layout that decodes fastest (`glm_jax.modeling.layer_stack`); the default stacked
+    layout is the one to train.
     """
     if quantization not in _QUANTIZATION_BITS:
         raise ValueError(f"quantization={quantization!r} is not one of {list(_QUANTIZATION_BITS)}")
@@ -193,6 +197,9 @@ def load_pretrained(
     prefix_maps: list[TensorMap] = []
     if prefix is not None:
         config, _, prefix_maps = _read_prefix(prefix, config)
+    # Checkpoints hold the stacked layout: read into it, then unstack at the end for `scan_layers=False`.
+    scan_layers = config.scan_layers
+    config = config.replace(scan_layers=True)
     model = GLMForCausalLM(config)
     abstract = abstract_params(model)
     shapes = nn.unbox(abstract)
@@ -227,5 +234,11 @@ def load_pretrained(
         from glm_jax.training.peft import attach_lora
 
         model, params = attach_lora(lora, model, params, mesh, rules)
+    if not scan_layers:
+        model = GLMForCausalLM(model.config.replace(scan_layers=False))
+        params = unstack_layers(params)
+        if mesh is not None:
+            shardings = logical_shardings(abstract_params(model), mesh, rules)
+            params = {name: jax.device_put(tree, shardings[name]) for name, tree in params.items()}
     return model, params
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from decoding_helpers import chat_model_dir, chat_tok  # noqa: F401 (fixtures)
+from hlo_helpers import materialised_float_buffers
 from glm_jax import quantization as q
 from glm_jax.modeling.layers import Linear
 
@@ -165,31 +166,6 @@ def test_group_wise_int4_reconstructs_weights_more_closely():
         return float(np.linalg.norm(q.dequantize_kernel(qkernel, scale, 4) - kernel))
 
     assert error(16) < 0.8 * error(0)
-
-
-def materialised_float_buffers(hlo_text: str, min_elements: int) -> list[str]:
-    """Float arrays of at least `min_elements` that a compiled program writes to memory: results of
-    instructions outside fused computations (fusion internals stay in registers), parameters and
-    aliases (tuple / get-tuple-element / bitcast) excluded."""
-    computations, current = {}, None
-    for line in hlo_text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
-        if header:
-            current = computations.setdefault(header.group(1), [])
-        elif current is not None and line.startswith("  "):
-            current.append(line)
-    fused = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo_text))
-    found = []
-    for name, lines in computations.items():
-        if name in fused:
-            continue
-        for line in lines:
-            m = re.match(r"\s*(?:ROOT )?%(\S+) = (f32|bf16|f16)\[([\d,]*)\]\S* ([\w\-]+)\(", line)
-            if m and m.group(4) not in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
-                size = int(np.prod([int(d) for d in m.group(3).split(",") if d]))
-                if size >= min_elements:
-                    found.append(f"{m.group(1)}: {m.group(2)}[{m.group(3)}] {m.group(4)}")
-    return found
 
 
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 16)])

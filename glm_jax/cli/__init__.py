@@ -69,8 +69,9 @@ def load_model_and_tokenizer(
     if not os.path.isdir(values.model):
         raise FileNotFoundError(f"--model={values.model}: no such checkpoint directory")
     tokenizer = ChatGLMTokenizer.from_pretrained(values.tokenizer or values.model)
+    # Inference only: the per-layer layout, which decodes fastest (see glm_jax.modeling.layer_stack).
     model, params = load_pretrained(values.model, dtype=values.dtype, prefix=values.prefix, quantization=quantization,
-                                    quantize_embeddings=quantize_embeddings)
+                                    quantize_embeddings=quantize_embeddings, scan_layers=False)
     cfg = model.config
     pairs = {
         "bos (<sop>)": (tokenizer.bos_token_id, cfg.bos_token_id), "eos (<eop>)": (tokenizer.eos_token_id, cfg.eos_token_id),

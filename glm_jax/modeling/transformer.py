@@ -1,7 +1,9 @@
 """The GLM transformer: one block, the scanned stack, and the language model.
 
-One module serves training, prefill and decode (`decode=True` switches on the KV cache); layers
-are stacked with `nn.scan` so compile time and HLO size do not grow with depth.
+One module serves training, prefill and decode (`decode=True` switches on the KV cache). Layers
+are stacked with `nn.scan` (params `layers/...` with a leading layer axis) so compile time and HLO
+size do not grow with depth; `scan_layers=False` unrolls them into `layers_0 … layers_{L-1}`, the
+faster layout for decoding (see `glm_jax.modeling.layer_stack`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from glm_jax.modeling.layers import (
 from glm_jax.positions import positions_and_mask
 
 Array = jnp.ndarray
+
+# Names of the per-layer blocks when the stack is not scanned: `layers_0`, `layers_1`, ...
+LAYER_PREFIX = "layers_"
 
 _REMAT_POLICIES = {
     "full": None,
@@ -101,16 +106,19 @@ class GLMForCausalLM(nn.Module):
             x = x + self._learned_position_embeddings(position_ids)
         prefix_kv = PrefixEncoder(cfg, name="prefix_encoder")(batch, deterministic) if cfg.pre_seq_len else None
 
-        stack = nn.scan(
-            block_class(cfg),
-            variable_axes={"params": 0, "cache": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, 0, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, decode=decode, deterministic=deterministic, name="layers")
         rope = rotary_angles(cfg, position_ids)
-        x, layer_inputs = stack(x, jnp.arange(cfg.num_layers), prefix_kv, rope, allowed)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block_class(cfg),
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, 0, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, decode=decode, deterministic=deterministic, name="layers")
+            x, layer_inputs = stack(x, jnp.arange(cfg.num_layers), prefix_kv, rope, allowed)
+        else:
+            x, layer_inputs = self._unrolled_layers(x, prefix_kv, rope, allowed, decode, deterministic)
 
         x = Norm(cfg, name="final_norm")(x)
         if cfg.quantize_embeddings:
@@ -130,6 +138,24 @@ class GLMForCausalLM(nn.Module):
         if output_hidden_states:
             return logits, jnp.concatenate([layer_inputs, x[None]], axis=0)
         return logits
+
+    def _unrolled_layers(
+        self, x: Array, prefix_kv: tuple[Array, Array] | None, rope: tuple[Array, Array], allowed: Array,
+        decode: bool, deterministic: bool,
+    ) -> tuple[Array, Array]:
+        """The stack as `num_layers` separate blocks `layers_0 … layers_{L-1}` (`scan_layers=False`).
+
+        Each layer's weights are then their own arrays: XLA reads them in place, where the scan
+        dynamic-slices the stacked weights and (on CPU) copies every layer's weights at every step.
+        """
+        cfg = self.config
+        layer_inputs = []
+        for i in range(cfg.num_layers):
+            layer_prefix = None if prefix_kv is None else jax.tree.map(lambda kv: kv[i], prefix_kv)
+            block = block_class(cfg)(cfg, decode=decode, deterministic=deterministic, name=f"{LAYER_PREFIX}{i}")
+            x, layer_input = block(x, jnp.asarray(i), layer_prefix, rope, allowed)
+            layer_inputs.append(layer_input)
+        return x, jnp.stack(layer_inputs)
 
     def _learned_position_embeddings(self, position_ids: Array) -> Array:
         """Original GLM: position and block position tables (max_sequence_length + 1 rows) looked up with

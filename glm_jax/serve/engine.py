@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.generation import PROGRAMS, DecodePlan, bucket_length
+from glm_jax.modeling.layer_stack import model_for_params
 from glm_jax.modeling.transformer import GLMForCausalLM
 from glm_jax.sampling import SamplingParams, SamplingValues
 
@@ -158,8 +159,8 @@ class Engine:
         buckets = tuple(sorted(set(batch_buckets or _power_of_two_buckets(max_batch))))
         if buckets[-1] < max_batch:
             raise ValueError(f"batch_buckets {buckets} cannot hold max_batch={max_batch} requests")
-        self.model = model
         self._params = nn.unbox(params)
+        self.model = model_for_params(model, self._params)
         self._max_batch = max_batch
         self._batch_buckets = buckets
         self._decode_chunk = decode_chunk
