@@ -1,12 +1,19 @@
-"""ChatGLM-6B chat: the history prompt format, response post-processing and streaming text
-(spec §1.9), on top of `glm_jax.generation`.
+"""Chat with the GLM chat models on top of `glm_jax.generation`: the prompt format of each family,
+response post-processing and streaming text.
+
+Formats: ChatGLM-6B (spec §1.9: `[Round k]` text turns, `process_response` with full-width
+punctuation) and ChatGLM2 (spec §2.4: 1-based `[Round k]` turns, strip) take `(query, response)`
+history pairs; ChatGLM3 and GLM-4 chat in role messages built by their tokenizer's
+`build_chat_input` and stop at `<|user|>` / `<|observation|>` too (`glm_jax.chat_messages`). The
+tokenizer decides between the two (ChatGLM2 and ChatGLM3 share one model config); the sampling
+defaults are the family's official ones.
 
 `chat` returns the whole answer; `stream_chat` yields it piece by piece. Streaming must never emit
 text that a later token would change, so each step decodes *all* generated ids and emits only the
 part that is final: a trailing U+FFFD (a multi-byte character split across tokens), trailing
-whitespace, a trailing ASCII `, ! : ; ?` (converted to full width when a CJK character follows) and
-partial matches of the other rewrites are held back until the next token decides them. The pieces
-therefore always concatenate to exactly the text `chat` returns for the same settings.
+whitespace, a trailing ASCII `, ! : ; ?` (ChatGLM-6B: converted to full width when a CJK character
+follows) and partial matches of the other rewrites are held back until the next token decides them.
+The pieces therefore concatenate to exactly the text `chat` returns for the same settings.
 
 History policy: when the prompt would not leave `reserve_tokens` of room under `max_length` (and
 the model's context), the oldest rounds are dropped first; if the query alone is still too long,
@@ -15,10 +22,12 @@ its beginning is cut off (the end of the question is kept). Nothing raises for l
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from glm_jax.chat_messages import AnswerStream, fit_chat_input, uses_role_messages
 from glm_jax.generation import generate, stream_generate
 from glm_jax.modeling.transformer import GLMForCausalLM
 from glm_jax.tokenizer import ChatGLMTokenizer
@@ -28,6 +37,8 @@ History = list[tuple[str, str]]
 # Official ChatGLM-6B `chat` defaults; top_k=50 is transformers' default, which applies because the
 # official repository ships no generation_config.json (spec §1.9).
 DEFAULT_SETTINGS: dict[str, Any] = dict(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, top_k=50)
+# ChatGLM2/3 `chat` (spec §2.4); top_k=50 as above.
+CHATGLM2_SETTINGS: dict[str, Any] = dict(max_length=8192, do_sample=True, top_p=0.8, temperature=0.8, top_k=50)
 DEFAULT_RESERVE_TOKENS = 256
 
 _TRAINING_DATE = ("[[训练时间]]", "2023年")
@@ -147,60 +158,119 @@ def fit_prompt(
         kept = kept[1:]
 
 
-def _prepare(
-    model: GLMForCausalLM, tokenizer: ChatGLMTokenizer, query: str, history: Sequence[tuple[str, str]] | None,
-    settings: dict[str, Any], reserve_tokens: int,
-) -> tuple[list[int], History, dict[str, Any]]:
-    """(prompt ids, history used, `generate` settings) for one turn."""
-    merged = {**DEFAULT_SETTINGS, **settings}
+def answer_stream(tokenizer: Any, family: str, stop_ids: Sequence[int] | None = None) -> ResponseStream | AnswerStream:
+    """A reader of one answer's generated ids (`feed` / `finish` / `response`) in the format of the
+    tokenizer and model family: ChatGLM-6B's `process_response`, ChatGLM2's, or role segments."""
+    roles = uses_role_messages(tokenizer)
+    if family == "chatglm" and not roles:
+        return ResponseStream(tokenizer)
+    return AnswerStream(tokenizer, getattr(tokenizer, "stop_token_ids", ()) if stop_ids is None else stop_ids,
+                        split_metadata=roles)
+
+
+@dataclasses.dataclass
+class ChatTurn:
+    """One prepared chat turn: the prompt ids, the history they hold (after truncation), the
+    `generate` settings, and how the answer is read back into a response and a history."""
+
+    ids: list[int]
+    kept: list[Any]
+    settings: dict[str, Any]
+    query: str
+    role: str
+    tokenizer: Any
+    roles: bool  # role messages (ChatGLM3, GLM-4) rather than (query, response) pairs
+    family: str
+
+    def answer_stream(self) -> ResponseStream | AnswerStream:
+        """A fresh reader of this turn's generated ids."""
+        return answer_stream(self.tokenizer, self.family, self.settings.get("stop_ids"))
+
+    def history(self, answer: ResponseStream | AnswerStream, response: str) -> list[Any]:
+        """The history after this turn: role messages with every assistant segment, or pairs."""
+        if self.roles:
+            return self.kept + [{"role": self.role, "content": self.query}] + answer.messages
+        return self.kept + [(self.query, response)]
+
+
+def default_settings(family: str) -> dict[str, Any]:
+    """The official `chat` defaults of a model family (`GLMConfig.family`): ChatGLM-6B's, or those of
+    ChatGLM2/3 (spec §2.4), also used for GLM-4 (the spec records no chat defaults of its own)."""
+    return dict(DEFAULT_SETTINGS if family == "chatglm" else CHATGLM2_SETTINGS)
+
+
+def prepare_turn(
+    model: GLMForCausalLM, tokenizer: Any, query: str, history: Sequence[Any] | None, settings: dict[str, Any],
+    reserve_tokens: int, role: str = "user",
+) -> ChatTurn:
+    """The prompt (in the format of the tokenizer / model family), the history it holds and the
+    `generate` settings (the family's chat defaults under `settings`) of one turn."""
+    family = model.config.family
+    merged = {**default_settings(family), **settings}
     limit = min(int(merged.pop("max_length")), model.config.max_sequence_length)
     if limit < 8:
         raise ValueError(f"max_length={limit} is too small for a chat turn")
     budget = limit - max(1, min(reserve_tokens, limit // 2))
-    ids, kept = fit_prompt(tokenizer, query, history or [], budget, prompt_builder(model.config.family))
-    return ids, kept, dict(merged, max_length=limit)
+    roles = uses_role_messages(tokenizer)
+    if roles:
+        ids, kept = fit_chat_input(tokenizer, query, history or [], budget, role)
+        merged.setdefault("stop_ids", tuple(tokenizer.stop_token_ids))
+    elif role != "user":
+        raise ValueError(f"role={role!r}: only role-token chats (ChatGLM3, GLM-4) take roles other than 'user'")
+    else:
+        ids, kept = fit_prompt(tokenizer, query, history or [], budget, prompt_builder(family))
+    return ChatTurn(ids, kept, dict(merged, max_length=limit), query, role, tokenizer, roles, family)
 
 
 def chat(
     model: GLMForCausalLM,
     params: Any,
-    tokenizer: ChatGLMTokenizer,
+    tokenizer: Any,
     query: str,
-    history: Sequence[tuple[str, str]] | None = None,
+    history: Sequence[Any] | None = None,
     *,
+    role: str = "user",
     reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
     **settings: Any,
-) -> tuple[str, History]:
-    """`(response, history + [(query, response)])`: the official `chat`, with history truncation.
+) -> tuple[str, list[Any]]:
+    """`(response, history after the turn)`: the official `chat`, with history truncation.
 
-    `settings` are `generate`'s keyword arguments; the defaults are the official chat's sampling
-    (`do_sample=True, top_p=0.7, temperature=0.95, top_k=50`) and `max_length=2048`.
+    ChatGLM-6B / ChatGLM2: `history` is `(query, response)` pairs. ChatGLM3 / GLM-4 (a tokenizer with
+    role tokens): `history` is role messages (pairs are accepted too), `role` is the query's role
+    ("observation" returns a tool's result), and the history gains the query and one assistant
+    message per answer segment. `settings` are `generate`'s keyword arguments; the defaults are the
+    family's official chat sampling (`default_settings`).
     """
-    ids, kept, gen_settings = _prepare(model, tokenizer, query, history, settings, reserve_tokens)
-    new_ids = generate(model, params, [ids], **gen_settings)[0]
-    response = process_response(tokenizer.decode(new_ids, clean_up_tokenization_spaces=True))
-    return response, kept + [(query, response)]
+    turn = prepare_turn(model, tokenizer, query, history, settings, reserve_tokens, role)
+    new_ids = generate(model, params, [turn.ids], **turn.settings)[0]
+    answer = turn.answer_stream()
+    answer.feed(new_ids)
+    return answer.response, turn.history(answer, answer.response)
 
 
 def stream_chat(
     model: GLMForCausalLM,
     params: Any,
-    tokenizer: ChatGLMTokenizer,
+    tokenizer: Any,
     query: str,
-    history: Sequence[tuple[str, str]] | None = None,
+    history: Sequence[Any] | None = None,
     *,
+    role: str = "user",
     reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
     **settings: Any,
-) -> Iterator[tuple[str, History]]:
+) -> Iterator[tuple[str, list[Any]]]:
     """Yields `(new_text, history)` while the answer is generated; same answer as `chat`.
 
-    The `new_text` pieces concatenate to the response; `history` is the history used (after
-    truncation) plus `(query, response so far)`. The last item carries the complete response.
+    The `new_text` pieces concatenate to the response (for role chats: unless the model opens a
+    second `<|assistant|>` segment, see `glm_jax.chat_messages`); `history` is the history used
+    (after truncation) plus the turn so far. The last item carries the complete history.
     """
-    ids, kept, gen_settings = _prepare(model, tokenizer, query, history, settings, reserve_tokens)
-    stream = ResponseStream(tokenizer)
-    for new_ids in stream_generate(model, params, ids, **gen_settings):
-        delta = stream.feed(new_ids)
+    turn = prepare_turn(model, tokenizer, query, history, settings, reserve_tokens, role)
+    answer = turn.answer_stream()
+    streamed = ""
+    for new_ids in stream_generate(model, params, turn.ids, **turn.settings):
+        delta = answer.feed(new_ids)
         if delta:
-            yield delta, kept + [(query, stream.emitted)]
-    yield stream.finish(), kept + [(query, stream.response)]
+            streamed += delta
+            yield delta, turn.history(answer, streamed)
+    yield answer.finish(), turn.history(answer, answer.response)

@@ -6,8 +6,9 @@ Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (OpenAI-compat
 time}`), `GET /health`, and the web chat page at `GET /`.
 
 Chat answers are built exactly like `glm_jax.chat`: the model family's prompt format (ChatGLM-6B's
-`[Round k]` turns, or ChatGLM2's), the model's stop token, `process_response`, and streamed pieces that
-are never taken back (`ResponseStream`).
+`[Round k]` turns, ChatGLM2's, or the role messages of ChatGLM3 / GLM-4, whose system messages keep
+their role), the family's stop tokens and chat sampling defaults, its `process_response`, and
+streamed pieces that are never taken back (`glm_jax.chat.answer_stream`).
 The OpenAI endpoints never drop history: a prompt that does not fit is a 400. The official endpoint
 keeps `glm_jax.chat`'s history truncation, as `chat` itself does.
 
@@ -37,12 +38,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from glm_jax.chat import DEFAULT_RESERVE_TOKENS, ResponseStream, _prepare, prompt_builder
+from glm_jax.chat import DEFAULT_RESERVE_TOKENS, answer_stream, default_settings, prepare_turn, prompt_builder
+from glm_jax.chat_messages import uses_role_messages
 from glm_jax.serve import protocol
 from glm_jax.serve.engine import FINISH_CANCELLED, Engine, EngineBusy, EngineClosed, GenerationRequest, RequestHandle
 from glm_jax.serve.protocol import APIError
 from glm_jax.serve.text import CompletionText
-from glm_jax.tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class BodySizeLimit:
 
 def create_app(
     engine: Engine,
-    tokenizer: ChatGLMTokenizer,
+    tokenizer: Any,
     *,
     model_name: str,
     api_key: str | None = None,
@@ -119,9 +120,11 @@ def create_app(
     """The app; it starts the engine's thread on startup and closes the engine on shutdown."""
     context = engine.context_length
     max_prompt = min(limits.max_prompt_tokens or context, context - 1)
-    stop_ids = engine.stop_ids
-    created = int(time.time())
     family = engine.model.config.family
+    roles = uses_role_messages(tokenizer)  # ChatGLM3 / GLM-4 also stop at <|user|> and <|observation|>
+    stop_ids = tuple(dict.fromkeys(engine.stop_ids + tuple(getattr(tokenizer, "stop_token_ids", ()))))
+    defaults = default_settings(family)
+    created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -262,25 +265,29 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = await read_openai_body(request, protocol.ChatCompletionRequest)
-        query, history = body.turns()
-        try:
-            build_prompt = prompt_builder(family)
-        except ValueError as e:
-            raise APIError(400, f"{e}; /v1/completions takes raw text") from None
-        ids = await encode(build_prompt(query, history))
+        if roles:
+            query, messages = body.role_messages()
+            ids = await asyncio.to_thread(tokenizer.build_chat_input, query, messages)
+        else:
+            query, history = body.turns()
+            try:
+                build_prompt = prompt_builder(family)
+            except ValueError as e:
+                raise APIError(400, f"{e}; /v1/completions takes raw text") from None
+            ids = await encode(build_prompt(query, history))
         limit = new_tokens(len(ids), body.requested_tokens, limits.max_new_tokens, "messages")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        handle = submit(GenerationRequest(tuple(ids), limit, body.sampling(), seed, stop_ids))
+        handle = submit(GenerationRequest(tuple(ids), limit, body.sampling(defaults), seed, stop_ids))
         id_ = protocol.new_id("chatcmpl")
         if body.stream:
             first = [protocol.chat_chunk(id_, model_name, {"role": "assistant", "content": ""})]
             return stream(
-                handle, ResponseStream(tokenizer), first,
+                handle, answer_stream(tokenizer, family, stop_ids), first,
                 lambda piece, reason: protocol.chat_chunk(id_, model_name, {"content": piece} if piece else {}, reason),
                 (lambda u: protocol.chat_chunk(id_, model_name, {}, usage_=u)) if body.include_usage else None,
                 len(ids),
             )
-        text = ResponseStream(tokenizer)
+        text = answer_stream(tokenizer, family, stop_ids)
         answer, reason = await collect(request, handle, text)
         return protocol.chat_completion(id_, model_name, answer, reason, protocol.usage(len(ids), len(text.ids)))
 
@@ -290,7 +297,7 @@ def create_app(
         ids = await encode(body.text)
         limit = new_tokens(len(ids), body.requested_tokens, limits.default_completion_tokens, "prompt")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        handle = submit(GenerationRequest(tuple(ids), limit, body.sampling(), seed, stop_ids))
+        handle = submit(GenerationRequest(tuple(ids), limit, body.sampling(defaults), seed, stop_ids))
         id_ = protocol.new_id("cmpl")
         if body.stream:
             return stream(
@@ -309,15 +316,17 @@ def create_app(
         body = await read_body(request, protocol.OfficialChatRequest)
         history = [(q, r) for q, r in body.history or []]
         try:  # the prompt and history truncation of glm_jax.chat.chat
-            ids, kept, settings = _prepare(engine.model, tokenizer, body.prompt, history, body.settings(),
-                                           DEFAULT_RESERVE_TOKENS)
+            turn = prepare_turn(engine.model, tokenizer, body.prompt, history, body.settings(defaults),
+                                DEFAULT_RESERVE_TOKENS)
         except ValueError as e:
             raise APIError(400, str(e), param="max_length") from None
+        ids, settings = turn.ids, turn.settings
+        kept = [(m["content"], r["content"]) for m, r in zip(turn.kept[::2], turn.kept[1::2])] if roles else turn.kept
         sampling = protocol.sampling_params(settings["temperature"], settings["top_p"], settings["top_k"], 1.0)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         limit = min(settings["max_length"] - len(ids), limits.max_new_tokens)
         handle = submit(GenerationRequest(tuple(ids), limit, sampling, seed, stop_ids))
-        response, _ = await collect(request, handle, ResponseStream(tokenizer))
+        response, _ = await collect(request, handle, answer_stream(tokenizer, family, stop_ids))
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         log.info("[%s] prompt: %r, response: %r", now, body.prompt, response)
         return {"response": response, "history": [list(turn) for turn in kept] + [[body.prompt, response]],

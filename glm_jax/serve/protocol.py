@@ -113,13 +113,13 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
-    def sampling(self) -> SamplingParams:
-        """Omitted fields take the model's own chat defaults (temperature 0.95, top-p 0.7, top-k 50);
-        temperature 0 is greedy."""
-        temperature = DEFAULT_SETTINGS["temperature"] if self.temperature is None else self.temperature
+    def sampling(self, defaults: dict[str, Any] = DEFAULT_SETTINGS) -> SamplingParams:
+        """Omitted fields take the model's own chat defaults (`defaults`: the family's, ChatGLM-6B's
+        temperature 0.95, top-p 0.7, top-k 50 unless given); temperature 0 is greedy."""
+        temperature = defaults["temperature"] if self.temperature is None else self.temperature
         return sampling_params(
-            temperature, DEFAULT_SETTINGS["top_p"] if self.top_p is None else self.top_p,
-            DEFAULT_SETTINGS["top_k"] if self.top_k is None else self.top_k,
+            temperature, defaults["top_p"] if self.top_p is None else self.top_p,
+            defaults["top_k"] if self.top_k is None else self.top_k,
             1.0 if self.repetition_penalty is None else self.repetition_penalty,
         )
 
@@ -170,6 +170,15 @@ class ChatCompletionRequest(_SamplingFields):
             history.append((pair[0].text, pair[1].text))
         return system + messages[-1].text, history
 
+    def role_messages(self) -> tuple[str, list[dict[str, str]]]:
+        """(query, history) for role-token chats (ChatGLM3, GLM-4): the earlier messages as role
+        messages (developer = system), in any order; the last message must come from the user."""
+        if self.messages[-1].role != "user":
+            raise APIError(400, "the last message must come from the user", param="messages")
+        history = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                   for m in self.messages[:-1]]
+        return self.messages[-1].text, history
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
@@ -209,13 +218,14 @@ class OfficialChatRequest(BaseModel):
     temperature: float | None = None
     seed: int | None = None
 
-    def settings(self) -> dict[str, Any]:
-        """`glm_jax.chat` settings: the official chat sampling, with the official fallbacks."""
+    def settings(self, defaults: dict[str, Any] = DEFAULT_SETTINGS) -> dict[str, Any]:
+        """`glm_jax.chat` settings: the official chat sampling, with the official fallbacks (`defaults`:
+        the model family's chat defaults, ChatGLM-6B's unless given)."""
         return dict(
-            DEFAULT_SETTINGS,
-            max_length=self.max_length or DEFAULT_SETTINGS["max_length"],
-            top_p=DEFAULT_SETTINGS["top_p"] if self.top_p is None else self.top_p,
-            temperature=DEFAULT_SETTINGS["temperature"] if self.temperature is None else self.temperature,
+            defaults,
+            max_length=self.max_length or defaults["max_length"],
+            top_p=defaults["top_p"] if self.top_p is None else self.top_p,
+            temperature=defaults["temperature"] if self.temperature is None else self.temperature,
         )
 
 
