@@ -346,6 +346,8 @@ def _from_hf_chatglm6b(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
 def _from_hf_chatglm2(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
     _require(hf, "padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    eos = hf.get("eos_token_id", 2)  # GLM-4's remote-code config lists its stop ids: [eos, <|user|>, <|observation|>]
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if not hf.get("rmsnorm", True) or hf.get("apply_residual_connection_post_layernorm", False):
         raise ValueError("ChatGLM2 configs without rmsnorm or with post-layernorm residuals are not supported")
     values: dict[str, Any] = dict(
@@ -355,7 +357,7 @@ def _from_hf_chatglm2(hf: dict[str, Any], **overrides: Any) -> GLMConfig:
         ffn_hidden_size=hf["ffn_hidden_size"], max_sequence_length=hf.get("seq_length", 32768),
         norm_eps=hf.get("layernorm_epsilon", 1e-5), qkv_bias=bool(hf.get("add_qkv_bias", True)),
         dense_bias=bool(hf.get("add_bias_linear", False)), mlp_bias=bool(hf.get("add_bias_linear", False)),
-        rope_ratio=float(hf.get("rope_ratio", 1.0)), eos_token_id=hf.get("eos_token_id", 2),
+        rope_ratio=float(hf.get("rope_ratio", 1.0)), eos_token_id=eos[0], extra_stop_token_ids=tuple(eos[1:]),
         pad_token_id=hf.get("pad_token_id", 0), pre_seq_len=hf.get("pre_seq_len") or 0,
         prefix_projection=bool(hf.get("prefix_projection", False)),
         quantization_bit=hf.get("quantization_bit") or 0,
@@ -463,7 +465,8 @@ def to_hf_config(config: GLMConfig) -> dict[str, Any]:
             "num_layers": config.num_layers, "original_rope": True, "padded_vocab_size": config.vocab_size,
             "post_layer_norm": True, "rmsnorm": True, "seq_length": config.max_sequence_length, "use_cache": True,
             "torch_dtype": "float16", "tie_word_embeddings": config.tie_word_embeddings,
-            "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+            "eos_token_id": [config.eos_token_id, *config.extra_stop_token_ids] if config.extra_stop_token_ids
+            else config.eos_token_id, "pad_token_id": config.pad_token_id,
         }
         if config.rope_ratio != 1.0:
             hf["rope_ratio"] = config.rope_ratio

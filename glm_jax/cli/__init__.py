@@ -9,16 +9,20 @@ from typing import Any
 import jax
 from absl import flags
 
+from glm_jax.auto_tokenizer import TOKENIZER_KINDS, load_tokenizer, model_config, tokenizer_mismatches
 from glm_jax.pretrained import load_pretrained
 from glm_jax.sampling import SamplingParams
-from glm_jax.tokenizer import ChatGLMTokenizer
 
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "glm_jax", "xla")
 
 
 def define_model_flags() -> None:
     flags.DEFINE_string("model", None, "Checkpoint directory (official Hugging Face ChatGLM layout).", required=True)
-    flags.DEFINE_string("tokenizer", None, "ice_text.model file or directory holding it (default: --model).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer file (ice_text.model, or tokenizer.model of ChatGLM2/3 / GLM-4) "
+                        "or the directory holding it (default: --model).")
+    flags.DEFINE_enum("tokenizer_kind", "auto", list(TOKENIZER_KINDS),
+                      "Tokenizer and chat format; auto: from the model family and the checkpoint's files (ChatGLM2 "
+                      "and ChatGLM3 share one model config; see glm_jax.auto_tokenizer).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and compute dtype.")
     flags.DEFINE_string("prefix", None, "P-Tuning v2 checkpoint directory to apply on top of --model.")
     flags.DEFINE_string(
@@ -27,21 +31,28 @@ def define_model_flags() -> None:
     )
 
 
-def define_sampling_flags(*, do_sample: bool, temperature: float, top_p: float, top_k: int) -> None:
+def define_sampling_flags(*, do_sample: bool, temperature: float | None, top_p: float | None, top_k: int) -> None:
+    """The sampling flags; a default of None stands for the model family's official chat setting."""
+    def family(default: float | None) -> str:
+        return " Default: the model family's official chat setting." if default is None else ""
+
     flags.DEFINE_bool("do_sample", do_sample, "Sample (else greedy).")
-    flags.DEFINE_float("temperature", temperature, "Softmax temperature (>= 0; 0 = greedy).")
+    flags.DEFINE_float("temperature", temperature, "Softmax temperature (>= 0; 0 = greedy)." + family(temperature))
     flags.DEFINE_integer("top_k", top_k, "Keep the k most likely tokens (0 = off).")
-    flags.DEFINE_float("top_p", top_p, "Nucleus sampling: keep the smallest set with this probability, in (0, 1].")
+    flags.DEFINE_float("top_p", top_p, "Nucleus sampling: keep the smallest set with this probability, in (0, 1]."
+                       + family(top_p))
     flags.DEFINE_float("repetition_penalty", 1.0, "Penalty for tokens already in the text (> 0; 1 = off).")
     flags.DEFINE_integer("seed", 0, "Random seed of sampling.")
 
 
 def sampling_settings(values: Any) -> dict[str, Any]:
-    """Sampling keyword arguments from parsed flags, validated before any model is loaded."""
+    """Sampling keyword arguments from parsed flags, validated before any model is loaded (flags left
+    at None are omitted: the model family's default applies)."""
     settings = dict(
         do_sample=values.do_sample, temperature=values.temperature, top_k=values.top_k, top_p=values.top_p,
         repetition_penalty=values.repetition_penalty,
     )
+    settings = {name: value for name, value in settings.items() if value is not None}
     SamplingParams(**settings)
     return dict(settings, seed=values.seed)
 
@@ -68,18 +79,12 @@ def load_model_and_tokenizer(
     be built with the wrong tokens."""
     if not os.path.isdir(values.model):
         raise FileNotFoundError(f"--model={values.model}: no such checkpoint directory")
-    tokenizer = ChatGLMTokenizer.from_pretrained(values.tokenizer or values.model)
+    family = model_config(values.model).family
+    tokenizer = load_tokenizer(values.model, family=family, tokenizer_path=values.tokenizer, kind=values.tokenizer_kind)
     # Inference only: the per-layer layout, which decodes fastest (see glm_jax.modeling.layer_stack).
     model, params = load_pretrained(values.model, dtype=values.dtype, prefix=values.prefix, quantization=quantization,
                                     quantize_embeddings=quantize_embeddings, scan_layers=False)
-    cfg = model.config
-    pairs = {
-        "bos (<sop>)": (tokenizer.bos_token_id, cfg.bos_token_id), "eos (<eop>)": (tokenizer.eos_token_id, cfg.eos_token_id),
-        "[MASK]": (tokenizer.mask_token_id, cfg.mask_token_id), "[gMASK]": (tokenizer.gmask_token_id, cfg.gmask_token_id),
-    }
-    wrong = [f"{name}: tokenizer {tok} vs config {conf}" for name, (tok, conf) in pairs.items() if tok != conf]
-    if tokenizer.vocab_size > cfg.vocab_size:
-        wrong.append(f"vocabulary: tokenizer {tokenizer.vocab_size} > model {cfg.vocab_size}")
+    wrong = tokenizer_mismatches(tokenizer, model.config)
     if wrong:
         raise ValueError(f"tokenizer {tokenizer.model_file} does not match model {values.model}: " + "; ".join(wrong))
     return model, params, tokenizer

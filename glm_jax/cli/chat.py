@@ -1,4 +1,5 @@
-"""glm-chat: streaming terminal chat with a ChatGLM-6B checkpoint.
+"""glm-chat: streaming terminal chat with a ChatGLM-6B, ChatGLM2/3 or GLM-4 checkpoint (the chat format
+and tokenizer follow the model family, see glm_jax.chat and glm_jax.auto_tokenizer).
 
     glm-chat --model=DIR                      # interactive
     printf '你好\\n晚上睡不着怎么办\\n' | glm-chat --model=DIR --nodo_sample
@@ -24,11 +25,12 @@ from glm_jax.generation import PROGRAMS
 from glm_jax.hf_io import CheckpointError
 
 define_model_flags()
-define_sampling_flags(
-    do_sample=DEFAULT_SETTINGS["do_sample"], temperature=DEFAULT_SETTINGS["temperature"],
-    top_p=DEFAULT_SETTINGS["top_p"], top_k=DEFAULT_SETTINGS["top_k"],
-)
-flags.DEFINE_integer("max_length", DEFAULT_SETTINGS["max_length"], "Most tokens of history + question + answer.")
+# Temperature, top-p and max_length default to the model family's official chat settings
+# (glm_jax.chat.default_settings); do_sample and top_k are the same for every family.
+define_sampling_flags(do_sample=DEFAULT_SETTINGS["do_sample"], temperature=None, top_p=None,
+                      top_k=DEFAULT_SETTINGS["top_k"])
+flags.DEFINE_integer("max_length", None, "Most tokens of history + question + answer. Default: the model family's "
+                     "official chat setting (ChatGLM-6B 2048, ChatGLM2/3 and GLM-4 8192).")
 flags.DEFINE_integer("reserve_tokens", DEFAULT_RESERVE_TOKENS, "Room kept for the answer; older rounds are dropped to keep it.")
 FLAGS = flags.FLAGS
 
@@ -51,13 +53,15 @@ def _read_turns(interactive: bool):
 
 def _run() -> None:
     settings = sampling_settings(FLAGS)
+    if FLAGS.max_length is not None:
+        settings["max_length"] = FLAGS.max_length
     quiet_backend_probing()
     enable_compilation_cache(FLAGS.compilation_cache_dir)
     model, params, tokenizer = load_model_and_tokenizer(FLAGS)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"ChatGLM ({FLAGS.model}). '{CLEAR_COMMANDS[0]}' clears the history, '{QUIT_COMMANDS[0]}' quits.")
-    history: list[tuple[str, str]] = []
+    history: list = []  # (query, response) pairs, or role messages for ChatGLM3 / GLM-4
     for query in _read_turns(interactive):
         if query in QUIT_COMMANDS:
             return
@@ -68,10 +72,8 @@ def _run() -> None:
             continue
         compiled_before = PROGRAMS.compile_seconds
         print("ChatGLM：", end="", flush=True)
-        for piece, history in stream_chat(
-            model, params, tokenizer, query, history, max_length=FLAGS.max_length,
-            reserve_tokens=FLAGS.reserve_tokens, **settings,
-        ):
+        for piece, history in stream_chat(model, params, tokenizer, query, history, reserve_tokens=FLAGS.reserve_tokens,
+                                          **settings):
             print(piece, end="", flush=True)
         print(flush=True)
         compiled = PROGRAMS.compile_seconds - compiled_before

@@ -1,5 +1,5 @@
 """glm-serve: an OpenAI-compatible HTTP server, the official ChatGLM-6B `api.py` endpoint and a web
-chat page for a ChatGLM-6B checkpoint.
+chat page for a ChatGLM-6B, ChatGLM2/3 or GLM-4 checkpoint (chat format and tokenizer by model family).
 
     glm-serve --model=DIR                         # http://127.0.0.1:8000/ (web chat), /v1/...
     glm-serve --model=DIR --quantization=int4 --port=8080
