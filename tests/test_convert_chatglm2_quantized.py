@@ -73,7 +73,8 @@ def test_exported_weights_follow_the_official_layout(quantized, golden_dir):
 
 def test_quantized_checkpoints_give_the_logits_of_hand_dequantized_weights(quantized, cases2, tmp_path):
     bits, official, back = quantized
-    reference_model, reference_params = load_pretrained(hand_dequantized_checkpoint(official, str(tmp_path / "ref"), bits))
+    reference = hand_dequantized_checkpoint(official, str(tmp_path / "ref"), bits)
+    reference_model, reference_params = load_pretrained(reference)
     ids = cases2["c_batch_leftpad/input_ids"][:, -7:]  # both rows without their padding
     expected = logits(reference_model, reference_params, ids)
     for directory in (official, back):
