@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # The web chat test drives headless Chromium: Debian's chromium and chromium-driver (installed once, as root).
 CHROMEDRIVER := /usr/bin/chromedriver
+# The INT8/INT4 CPU kernel (glm_jax/csrc) is compiled on first use; its tests need a C++ compiler.
+CXX_COMPILER := /usr/bin/g++
 
 .PHONY: install test demo bench
 
@@ -16,12 +18,16 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: $(STAMP) $(CHROMEDRIVER)
+test: $(STAMP) $(CHROMEDRIVER) $(CXX_COMPILER)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 $(CHROMEDRIVER):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
+$(CXX_COMPILER):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++
 
 demo: $(STAMP)
 	$(PY) -m glm_jax.demo

@@ -8,7 +8,8 @@ Three parts, each a section of bench/RESULTS.md:
    bench/decode.py, written once into --work_dir). Every variant runs in its own process, one after
    the other (so each reports its own memory): fp32, bf16, int8, int4 (Linear weights quantized on
    load with the official scheme, float32 activations and embedding), `-qe` (the word embedding /
-   tied output layer quantized too), `-g128` (group-wise scales, one per 128 inputs) and `-untiled`
+   tied output layer quantized too), `-g128` (group-wise scales, one per 128 inputs), `-xla` (the
+   pure-XLA tiled loop instead of the native CPU kernel of glm_jax.cpu_kernels) and `-untiled`
    (the dequantize-then-dot path the CPU tiling replaced, for comparison). Reported: params bytes by dtype, decode tok/s
    `(N - N2) / (T(N) - T(N2))` and end-to-end tok/s of greedy `generate` (batch 1, as
    bench/decode.py), the ratio to the JAX fp32 and bf16 rows, and the fraction of the memory
@@ -46,17 +47,20 @@ import common  # noqa: E402
 from glm_jax import preset, quantization  # noqa: E402
 from glm_jax.generation import generate_with_stats  # noqa: E402
 
-# name -> (compute/param dtype, quantization, quantized embedding, group size, tiled CPU path)
+# name -> (compute/param dtype, quantization, quantized embedding, group size, CPU decode matmul path)
+# Paths: "native" (glm_jax.cpu_kernels where it applies, else the XLA tiled loop), "xla-tiled",
+# "untiled" (dequantize the whole weight, then dot).
 VARIANTS = {
-    "fp32": ("float32", None, False, 0, True),
-    "bf16": ("bfloat16", None, False, 0, True),
-    "int8": ("float32", "int8", False, 0, True),
-    "int4": ("float32", "int4", False, 0, True),
-    "int8-qe": ("float32", "int8", True, 0, True),
-    "int4-qe": ("float32", "int4", True, 0, True),
-    "int4-g128": ("float32", "int4", False, 128, True),
-    "int8-untiled": ("float32", "int8", False, 0, False),
-    "int4-untiled": ("float32", "int4", False, 0, False),
+    "fp32": ("float32", None, False, 0, "native"),
+    "bf16": ("bfloat16", None, False, 0, "native"),
+    "int8": ("float32", "int8", False, 0, "native"),
+    "int4": ("float32", "int4", False, 0, "native"),
+    "int8-qe": ("float32", "int8", True, 0, "native"),
+    "int4-qe": ("float32", "int4", True, 0, "native"),
+    "int4-g128": ("float32", "int4", False, 128, "native"),
+    "int8-xla": ("float32", "int8", False, 0, "xla-tiled"),
+    "int4-xla": ("float32", "int4", False, 0, "xla-tiled"),
+    "int4-untiled": ("float32", "int4", False, 0, "untiled"),
 }
 
 _REFERENCE_CODE = flags.DEFINE_string(
@@ -144,9 +148,11 @@ def run_child(kind: str, variant: str) -> dict[str, Any]:
 def child_decode(variant: str) -> dict[str, Any]:
     from glm_jax import load_pretrained
 
-    dtype, quant, embeddings, group, tiled = VARIANTS[variant]
-    if not tiled:
+    dtype, quant, embeddings, group, path = VARIANTS[variant]
+    if path == "untiled":
         quantization.TILED_MAX_ROWS = 0  # every matmul dequantizes the whole weight first
+    elif path == "xla-tiled":
+        quantization.NATIVE_CPU_KERNEL = False
     model, params = load_pretrained(checkpoint_dir(_CONFIG.value), dtype=dtype, quantization=quant,
                                     quantize_embeddings=embeddings, quantization_group_size=group, scan_layers=False)
     rss_loaded = current_rss_mb()
@@ -226,8 +232,9 @@ def decode_part(bandwidth: list[float]) -> tuple[list[dict], list[str]]:
         "the best round counts.",
         "Variants: fp32/bf16 = all params and compute in that dtype; int8/int4 = Linear weights of every block "
         "quantized on load (official per-row symmetric scheme, INT4 two per byte), float32 activations, embedding "
-        "and norms; -qe = the word embedding / tied output layer quantized too (per token row); -untiled = the "
-        "dequantize-then-dot path (whole float32 weight written per matmul) that the tiled CPU path replaced; "
+        "and norms; -qe = the word embedding / tied output layer quantized too (per token row); decode matmuls of "
+        "per-row INT8/INT4 run in the native CPU kernel (glm_jax.cpu_kernels); -xla = the pure-XLA tiled loop instead; "
+        "-untiled = dequantize-then-dot (whole float32 weight written per matmul); "
         "-g128 = group-wise scales (one per 128 input values, float32).",
         f"roofline = params bytes (all read once per step) / step time / memory read bandwidth (best of the run: "
         f"{max(bandwidth):.1f} GB/s).",

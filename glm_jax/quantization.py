@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax import cpu_kernels
+
 BITS = (4, 8)
 # Names of the quantized Linear params (distinct from the float `kernel`, so float-only code paths
 # fail loudly instead of multiplying by int8 values).
@@ -167,6 +169,9 @@ def dequantize_official(weight: np.ndarray, weight_scale: np.ndarray, bits: int,
 # Weight-only matmuls of at most this many activation rows (batch x tokens: decoding) take the tiled
 # path on CPU; more rows (prefill) amortise one dequantized copy of the weight over many rows.
 TILED_MAX_ROWS = 16
+# On that path, per-row scales use the native kernel (glm_jax.cpu_kernels) when it can be built; it
+# reads the packed bytes once, where XLA's best formulation is several times slower.
+NATIVE_CPU_KERNEL = True
 # Weights dequantized per tile on the tiled path: 2^17 values = 512 KiB of float32, which stays in a
 # core's L2 cache between the conversion and the dot that reads it.
 TILE_VALUES = 1 << 17
@@ -182,12 +187,18 @@ def quantized_dot(
     bfloat16. Group-wise scales multiply each group's partial sum (tiled) or the weight (untiled).
 
     XLA's CPU dots read float32 operands only: a dequantized weight is written out in full and read
-    back (more bytes than the float32 weight itself), so on CPU a few rows (decoding) go through
-    `_tiled_dot`, which dequantizes tile by tile into the cache. Other backends fuse the int8
-    conversion into their matmul and take the plain path.
+    back (more bytes than the float32 weight itself), so on CPU a few rows (decoding) go through the
+    native kernel (per-row scales) or `_tiled_dot`, which dequantizes tile by tile into the cache.
+    Other backends fuse the int8 conversion into their matmul and take the plain path.
     """
     rows = math.prod(x.shape[:x.ndim - in_dims])
     if rows <= TILED_MAX_ROWS and jax.default_backend() == "cpu":
+        if NATIVE_CPU_KERNEL and qscale.ndim != qkernel.ndim and cpu_kernels.quantized_matmul_available():
+            lead, out_shape = x.shape[:x.ndim - in_dims], qkernel.shape[in_dims:]
+            y = cpu_kernels.quantized_matmul(
+                x.astype(dtype).reshape(rows, -1), qkernel.reshape(-1, math.prod(out_shape)),
+                qscale.reshape(-1), bits)
+            return y.reshape(*lead, *out_shape)
         return _tiled_dot(x.astype(dtype), qkernel, qscale, bits, in_dims)
     # INT4 stays split: high nibbles meet the even input columns, low nibbles the odd ones (an
     # interleaved unpack is a slow gather on CPU).
