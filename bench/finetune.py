@@ -131,10 +131,12 @@ def main(argv):
         "Official figures: ChatGLM-6B ptuning README (P-Tuning v2, batch 1, gradient accumulation 16; INT4 ~7 GB, "
         "fp16 ~14 GB, GPU memory as reported by the GPU tools). No official LoRA figure exists for ChatGLM-6B.",
         "Temporaries come from the CPU compiler and estimate a GPU compile's. Lacking float16 GEMMs, it converts "
-        "float16 matmul operands to float32 temporaries: the whole tied 130528 x 4096 embedding/head table for the "
-        "logits (2.0 GiB, `CPU f32 head copy`; compiling with a 1024-row vocabulary removes 2.0 GiB of temp) and "
-        "each layer's weights inside the layer loop (0.25 GiB per 4096 x 16384 matrix); a GPU compile has "
-        "neither, so `peak w/o head copy` is the closer estimate of GPU memory (still an upper bound).",
+        "float16 matmul operands to float32 temporaries: each layer's weights inside the layer loop (0.25 GiB per "
+        "4096 x 16384 matrix) and one chunk of 16316 rows (0.25 GiB) of the tied 130528 x 4096 embedding/head "
+        "table at a time (the model projects the tied head in chunks on CPU: "
+        "glm_jax.modeling.layers.tied_logits); `CPU f32 head copy` is a float32 copy of the whole table found in "
+        "the compiled program (2.0 GiB before the chunking; 0 now). A GPU compile has none of these copies, "
+        "so the peak is an upper bound of GPU memory.",
         f"Peak RSS of the benchmark process: {peak_rss_mb():.0f} MiB.",
     ]
     if FLAGS.results:

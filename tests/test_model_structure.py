@@ -56,3 +56,31 @@ def test_sharded_forward_equals_unsharded(chatglm6b, cases6b, mesh_shape):
     expected = forward(params, ids, padding)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(logits)[:2], cases6b["c_batch_leftpad/logits"], atol=5e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_chunked_tied_head_equals_one_projection(dtype, monkeypatch):
+    """On CPU a half-precision tied head is projected in chunks of vocabulary rows: logits and the
+    table's gradient equal those of one projection over the whole table; the input's gradient is a
+    sum of per-chunk half-precision products, equal up to that rounding."""
+    from glm_jax.modeling import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.float32)
+    table = jnp.asarray(rng.standard_normal((96, 16)), dtype)
+
+    def loss_and_grads():
+        def loss(x, table):
+            return jnp.sum(layers.tied_logits(x, table, dtype).astype(jnp.float32) ** 2)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, table)
+
+    whole = loss_and_grads()
+    monkeypatch.setattr(layers, "HEAD_CHUNK_ROWS", 32)  # 3 chunks of 32 rows
+    chunked_logits = jax.jit(lambda x, t: layers.tied_logits(x, t, dtype)).lower(x, table).compile().as_text()
+    assert "while" in chunked_logits  # the chunk loop really is there
+    chunked = loss_and_grads()
+    (loss, (grad_x, grad_table)), (chunked_loss, (chunked_grad_x, chunked_grad_table)) = whole, chunked
+    assert float(loss) == float(chunked_loss)
+    np.testing.assert_array_equal(np.asarray(grad_table, np.float32), np.asarray(chunked_grad_table, np.float32))
+    scale = float(np.abs(np.asarray(grad_x)).max())
+    np.testing.assert_allclose(np.asarray(chunked_grad_x), np.asarray(grad_x), rtol=0, atol=2 ** -6 * scale)
