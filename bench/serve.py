@@ -71,7 +71,7 @@ def build_model(workdir: str) -> tuple[GLMForCausalLM, Any, ChatGLMTokenizer]:
             **overrides)
         write_random_hf_checkpoint(config, directory, seed=0, dtype="float32")
         os.replace(vocab_file, os.path.join(directory, VOCAB_FILE))
-    model, params = load_pretrained(directory, dtype="float32")
+    model, params = load_pretrained(directory, dtype="float32", scan_layers=False)  # as glm-serve loads it
     return model, params, ChatGLMTokenizer.from_pretrained(directory)
 
 

@@ -8,6 +8,7 @@ written from spec §1.7 (`test_quantization.reference_unpack`).
 import json
 import os
 import shutil
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -265,23 +266,33 @@ def test_exported_int4_weights_follow_the_spec_byte_layout(quantized, golden_dir
     assert "lm_head.weight" not in state  # the official INT8/INT4 checkpoints store the tied embedding once
 
 
-def test_quantized_checkpoints_give_the_logits_of_hand_dequantized_weights(quantized, cases6b, tmp_path):
+def check_hand_dequantized_logits(quantized, ids: np.ndarray, tmp_path) -> Any:
+    """Both the official-layout directory and its conversion back load quantized and give the logits
+    of a float checkpoint dequantized by hand; returns the last model loaded."""
     bits, official, back = quantized
     reference_model, reference_params = load_pretrained(hand_dequantized_checkpoint(official, str(tmp_path / "ref"), bits))
-    ids = cases6b["b_mask_infill/input_ids"]
     expected = logits(reference_model, reference_params, ids)
     for directory in (official, back):
         model, params = load_pretrained(directory)
         assert model.config.quantization_bit == bits
         assert params["layers"]["mlp"]["down"]["qkernel"].dtype == np.int8
         np.testing.assert_allclose(logits(model, params, ids), expected, atol=ATOL, rtol=RTOL)
+    return model
 
 
-def test_quantized_round_trip_keeps_the_bytes(quantized, tmp_path):
+def check_round_trip_keeps_the_bytes(quantized, tmp_path) -> None:
     bits, official, back = quantized
     assert converted.read_glm_config(back).quantization_bit == bits
     export(back, str(tmp_path / "again"), progress=False)
     assert_same_tensors(read_state(official), read_state(tmp_path / "again"))
+
+
+def test_quantized_checkpoints_give_the_logits_of_hand_dequantized_weights(quantized, cases6b, tmp_path):
+    check_hand_dequantized_logits(quantized, cases6b["b_mask_infill/input_ids"], tmp_path)
+
+
+def test_quantized_round_trip_keeps_the_bytes(quantized, tmp_path):
+    check_round_trip_keeps_the_bytes(quantized, tmp_path)
 
 
 def test_dtype_dequantizes_a_quantized_source(quantized, tmp_path):
