@@ -24,8 +24,11 @@ import jaxlib
 import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "quantized_matmul.cc")
-_TARGET = "glm_jax_quantized_matmul"
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# FFI target name -> symbol in the library.
+_TARGETS = {"glm_jax_quantized_matmul": "QuantizedMatmul", "glm_jax_quantized_rows_matmul": "QuantizedRowsMatmul"}
+# Reassociation lets the compiler vectorise the row kernel's dot-product loops.
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-fassociative-math", "-fno-signed-zeros",
+          "-fno-trapping-math")
 
 
 def cache_dir() -> str:
@@ -64,26 +67,36 @@ def _build(compiler: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def quantized_matmul_available() -> bool:
-    """Builds (once) and registers the INT8/INT4 matmul kernel; False, with a warning, if impossible."""
+    """Builds (once) and registers the INT8/INT4 matmul kernels; False, with a warning, if impossible."""
     compiler = _compiler()
     if compiler is None:
         warnings.warn("no C++ compiler found (set CXX): INT8/INT4 decoding on CPU uses the slower XLA path")
         return False
     try:
         library = ctypes.cdll.LoadLibrary(_build(compiler))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.QuantizedMatmul), platform="cpu")
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError) as e:
         warnings.warn(f"could not build the INT8/INT4 CPU kernel ({e}): decoding uses the slower XLA path")
         return False
     return True
 
 
+def _call(target: str, x: jax.Array, q: jax.Array, scale: jax.Array, bits: int, outputs: int) -> jax.Array:
+    out = jax.ShapeDtypeStruct((x.shape[0], outputs), jnp.float32)
+    return jax.ffi.ffi_call(target, out)(x.astype(jnp.float32), q, scale.astype(jnp.float32), bits=np.int64(bits))
+
+
 def quantized_matmul(x: jax.Array, qkernel: jax.Array, qscale: jax.Array, bits: int) -> jax.Array:
     """`x [M, K] · dequantize(qkernel [K * bits / 8, N], per-column qscale [N])`, float32 `[M, N]`,
     on CPU with the native kernel (check `quantized_matmul_available()` first)."""
-    out = jax.ShapeDtypeStruct((x.shape[0], qkernel.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGET, out)(x.astype(jnp.float32), qkernel, qscale.astype(jnp.float32),
-                                          bits=np.int64(bits))
+    return _call("glm_jax_quantized_matmul", x, qkernel, qscale, bits, qkernel.shape[1])
 
 
-__all__ = ["cache_dir", "quantized_matmul", "quantized_matmul_available"]
+def quantized_rows_matmul(x: jax.Array, qweight: jax.Array, qscale: jax.Array, bits: int) -> jax.Array:
+    """`x [M, K] · dequantize(qweight [N, K * bits / 8], per-row qscale [N])ᵀ` (the official layout, as
+    the quantized embedding is stored), float32 `[M, N]`, on CPU with the native kernel."""
+    return _call("glm_jax_quantized_rows_matmul", x, qweight, qscale, bits, qweight.shape[0])
+
+
+__all__ = ["cache_dir", "quantized_matmul", "quantized_matmul_available", "quantized_rows_matmul"]

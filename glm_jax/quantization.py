@@ -264,8 +264,9 @@ def quantized_dot_rows(x: jax.Array, qweight: jax.Array, qscale: jax.Array, bits
     """`x · dequantize(qweight)ᵀ` for a weight in the official `[out, in * bits / 8]` layout (the
     quantized embedding as output layer), float32 `[..., out]`.
 
-    On CPU it always runs tile by tile over output rows, prefill included: a vocabulary-sized table
-    dequantized at once would be the largest float buffer of the program (2 GiB for ChatGLM-6B).
+    On CPU a few rows (decoding) go through the native kernel; otherwise it runs tile by tile over
+    output rows, prefill included: a vocabulary-sized table dequantized at once would be the largest
+    float buffer of the program (2 GiB for ChatGLM-6B).
     """
     if jax.default_backend() != "cpu":
         values = unpack_int4(qweight) if bits == 4 else qweight
@@ -273,6 +274,9 @@ def quantized_dot_rows(x: jax.Array, qweight: jax.Array, qscale: jax.Array, bits
                                 preferred_element_type=jnp.float32)
         return y * qscale.astype(jnp.float32)
     lead = x.shape[:-1]
+    if math.prod(lead) <= TILED_MAX_ROWS and NATIVE_CPU_KERNEL and cpu_kernels.quantized_matmul_available():
+        y = cpu_kernels.quantized_rows_matmul(x.astype(dtype).reshape(-1, x.shape[-1]), qweight, qscale, bits)
+        return y.reshape(*lead, qweight.shape[0])
     rows, width = qweight.shape
     tile = _largest_divisor(rows, max(1, TILE_VALUES // width))
     x = x.astype(dtype).astype(jnp.float32).reshape(-1, x.shape[-1])

@@ -80,3 +80,32 @@ def test_a_failed_build_warns_and_leaves_nothing_behind(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="could not build"):
         assert cpu_kernels.quantized_matmul_available.__wrapped__() is False
     assert [p.name for p in tmp_path.iterdir()] == ["missing.cc"]  # no half-written library
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_rows_kernel_matches_float64_reference(kernel_built, bits, rows):
+    """The official `[out, in * bits / 8]` layout (a quantized embedding used as the output layer)."""
+    rng = np.random.default_rng(bits * 10 + rows + 1)
+    weight = rng.standard_normal((150, 64)).astype(np.float32)  # 150 output rows: a partial last chunk
+    qweight, scale = q.quantize_official(weight, bits)
+    x = rng.standard_normal((rows, 64)).astype(np.float32)
+    got = jax.jit(lambda a, b, c: cpu_kernels.quantized_rows_matmul(a, b, c, bits))(x, qweight, scale)
+    np.testing.assert_allclose(np.asarray(got), reference(x, qweight.T, scale, bits, 1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_output_layer_uses_the_rows_kernel_when_decoding(kernel_built, bits, monkeypatch):
+    rng = np.random.default_rng(bits + 7)
+    qweight, scale = q.quantize_official(rng.standard_normal((96, 32)).astype(np.float32), bits)
+    x = rng.standard_normal((2, 1, 32)).astype(np.float32)
+
+    def head(a, b, c):
+        return q.quantized_dot_rows(a, b, c, bits, jnp.float32)
+
+    assert "glm_jax_quantized_rows_matmul" in jax.jit(head).lower(x, qweight, scale).compile().as_text()
+    native = np.asarray(jax.jit(head)(x, qweight, scale))
+    np.testing.assert_allclose(native, reference(x, qweight.T, scale, bits, 1), rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(q, "NATIVE_CPU_KERNEL", False)
+    np.testing.assert_allclose(native, np.asarray(jax.jit(lambda a, b, c: head(a, b, c))(x, qweight, scale)),
+                               rtol=1e-5, atol=1e-5)
