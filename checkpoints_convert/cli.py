@@ -16,6 +16,8 @@ import time
 
 from absl import app, flags, logging
 
+from glm_jax.cli.distributed import initialize_distributed
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("src", None, "Source directory: an official ChatGLM directory, or ours with --to=pytorch.")
@@ -33,7 +35,6 @@ flags.DEFINE_integer("num_shards", 0, "--to=pytorch: number of weight files (0: 
 flags.DEFINE_string("max_shard_size", "2GB", "--to=pytorch: largest weight file when --num_shards=0.")
 flags.DEFINE_list("mesh", None, "--to=jax: target mesh sizes data,fsdp,tensor (e.g. 1,8,1): arrays are chunked like "
                   "that sharding and each host reads and writes only its shards.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host conversion).")
 flags.DEFINE_bool("progress", True, "Show a progress bar with bytes/s.")
 
 flags.mark_flags_as_required(["src", "dst"])
@@ -77,8 +78,7 @@ def main(argv: list[str]) -> None:
     from checkpoints_convert.staging import ConversionError
     from glm_jax.hf_io import CheckpointError
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    initialize_distributed()
     # The objects of JAX, Flax and torch loaded so far live until exit; freezing them keeps the cyclic
     # garbage collector from walking them again and again while tensors stream (~6% of the CPU time).
     gc.freeze()

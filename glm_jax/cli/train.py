@@ -17,27 +17,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from glm_jax.cli import quiet_backend_probing
+from glm_jax.cli.distributed import initialize_distributed
 
 config_flags.DEFINE_config_file("config", None, "A configs/pretrain/*.py file; override fields with --config.x=y.")
 flags.DEFINE_string("workdir", None, "Directory for the resolved config, checkpoints and metrics.", required=True)
 flags.DEFINE_bool("plot", False, "Render the loss curve of --workdir to WORKDIR/loss.png and exit.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detects TPU VMs, SLURM, ...).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
 FLAGS = flags.FLAGS
-
-
-def _initialize_distributed() -> None:
-    import jax
-
-    explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
 
 
 def main(argv: list[str]) -> None:
@@ -53,7 +38,7 @@ def main(argv: list[str]) -> None:
         return
     if FLAGS.config is None:
         raise app.UsageError("--config is required (e.g. --config=configs/pretrain/tiny.py)")
-    _initialize_distributed()
+    initialize_distributed()
     from glm_jax.training.loop import train
 
     result = train(FLAGS.config, FLAGS.workdir)
