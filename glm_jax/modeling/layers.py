@@ -7,14 +7,12 @@ how it is laid out on a `(data, fsdp, tensor)` mesh.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from glm_jax import quantization
@@ -25,52 +23,6 @@ Array = jnp.ndarray
 
 def as_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
-
-
-def accumulating_dot(x: Array, w: Array, contract: tuple[tuple[int, ...], tuple[int, ...]], dtype: jnp.dtype) -> Array:
-    """`dot_general(x, w)` (no batch axes) with both operands rounded to `dtype` and float32
-    accumulation and result.
-
-    Half-precision operands get a custom backward pass: JAX's own transpose of a float32-output dot
-    multiplies the float32 cotangent with the half-precision operand, a mixed pair that XLA:CPU runs
-    as a float32 matmul after copying the weight to float32. Here the cotangent is rounded to `dtype`
-    first (as mixed-precision training does) and the backward dots produce `dtype` directly (the
-    gradients are rounded to the operands' dtype anyway; XLA:CPU's generic dot has no
-    half-precision-in, float32-out kernel for every layout the transposes take).
-    """
-    x, w = x.astype(dtype), w.astype(dtype)
-    if dtype == jnp.float32:
-        return lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
-    return _half_precision_dot(x, w, contract)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _half_precision_dot(x: Array, w: Array, contract: tuple[tuple[int, ...], tuple[int, ...]]) -> Array:
-    return lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
-
-
-def _half_precision_dot_fwd(x: Array, w: Array, contract: tuple) -> tuple[Array, tuple[Array, Array]]:
-    return _half_precision_dot(x, w, contract), (x, w)
-
-
-def _half_precision_dot_bwd(contract: tuple, residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-    x, w = residuals
-    x_contract, w_contract = (list(axes) for axes in contract)
-    x_free = [a for a in range(x.ndim) if a not in x_contract]
-    w_free = [a for a in range(w.ndim) if a not in w_contract]
-    g = g.astype(x.dtype)
-    g_x, g_w = tuple(range(len(x_free))), tuple(range(len(x_free), g.ndim))  # y = [x free..., w free...]
-    # dx = g · wᵀ: axes [x free..., w's contracted axes ascending] -> x's order.
-    dx = lax.dot_general(g, w, ((g_w, tuple(w_free)), ((), ())), preferred_element_type=x.dtype)
-    dx_axes = x_free + [x_contract[w_contract.index(a)] for a in sorted(w_contract)]
-    # dw = xᵀ · g: axes [x's contracted axes ascending, w free...] -> w's order.
-    dw = lax.dot_general(x, g, ((tuple(x_free), g_x), ((), ())), preferred_element_type=w.dtype)
-    dw_axes = [w_contract[x_contract.index(a)] for a in sorted(x_contract)] + w_free
-    return (jnp.transpose(dx, np.argsort(dx_axes)).astype(x.dtype),
-            jnp.transpose(dw, np.argsort(dw_axes)).astype(w.dtype))
-
-
-_half_precision_dot.defvjp(_half_precision_dot_fwd, _half_precision_dot_bwd)
 
 
 def _init(stddev: float, axes: Sequence[str]):
@@ -127,13 +79,16 @@ class Linear(nn.Module):
                 "kernel", _init(self.init_stddev, self.axes), (*in_shape, *self.features), as_dtype(self.param_dtype)
             )
             contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-            y = accumulating_dot(x, kernel, contract, dtype)
+            y = lax.dot_general(
+                x.astype(dtype), kernel.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32
+            )
         if self.lora_rank:
             if lora_x is None:
                 raise ValueError(f"Linear {self.name!r} has a LoRA adapter but was called without its lora_x")
             b_init = nn.with_logical_partitioning(nn.initializers.zeros, (None, *self.axes[self.in_dims:]))
             lora_b = self.param("lora_b", b_init, (self.lora_rank, *self.features), jnp.float32)
-            delta = accumulating_dot(lora_x, lora_b, ((lora_x.ndim - 1,), (0,)), dtype)
+            delta = lax.dot_general(lora_x.astype(dtype), lora_b.astype(dtype), (((lora_x.ndim - 1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
             y = y + self.lora_scale * delta
         if self.use_bias:
             bias = self.param(
@@ -157,8 +112,10 @@ def tied_logits(x: Array, table: Array, dtype: jnp.dtype) -> Array:
     there the table is projected in chunks of rows, so only one chunk is converted at a time (each
     logit is the same dot either way).
     """
+    contract = (((x.ndim - 1,), (1,)), ((), ()))
+
     def project(rows: Array) -> Array:
-        return accumulating_dot(x, rows, ((x.ndim - 1,), (1,)), dtype)
+        return lax.dot_general(x.astype(dtype), rows.astype(dtype), contract, preferred_element_type=jnp.float32)
 
     vocab, width = table.shape
     chunk = max(d for d in range(1, min(vocab, HEAD_CHUNK_ROWS) + 1) if vocab % d == 0)
@@ -213,7 +170,8 @@ class LoRADown(nn.Module):
         dtype = as_dtype(self.dtype)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic or self.dropout == 0.0)
         contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
-        return accumulating_dot(x, a, contract, dtype).astype(dtype)
+        return lax.dot_general(x.astype(dtype), a.astype(dtype), (contract, ((), ())),
+                               preferred_element_type=jnp.float32).astype(dtype)
 
 
 def lora_down(config: GLMConfig, target: str, in_axes: tuple[str, ...], x: Array, deterministic: bool) -> Array | None:
