@@ -131,3 +131,19 @@ def append_results(section_title: str, command: str, table_rows: Sequence[dict[s
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
     return text
+
+
+def random_checkpoint(name: str, work_dir: str, seed: int) -> str:
+    """The random float16 checkpoint of ChatGLM-6B-architecture preset `name` in the official layout
+    (`work_dir/NAME-seedSEED-float16`, two shards), written on first use and shared by the benches."""
+    from glm_jax import preset
+    from glm_jax.testing_checkpoints import write_random_hf_checkpoint
+
+    config = preset(name)
+    if config.family != "chatglm":
+        raise ValueError(f"{name!r} is not a ChatGLM-6B-architecture preset (family {config.family!r})")
+    directory = os.path.join(work_dir, f"{name}-seed{seed}-float16")
+    if not os.path.isdir(directory):
+        print(f"writing random checkpoint {directory}", flush=True)
+        write_random_hf_checkpoint(config, directory, seed=seed, dtype="float16", num_shards=2)
+    return directory

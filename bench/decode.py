@@ -38,9 +38,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from glm_jax import GLMConfig, load_pretrained, preset  # noqa: E402
+from glm_jax import GLMConfig, load_pretrained  # noqa: E402
 from glm_jax.generation import generate_with_stats, stream_generate  # noqa: E402
-from glm_jax.testing_checkpoints import write_random_hf_checkpoint  # noqa: E402
 
 _REFERENCE_CODE = flags.DEFINE_string(
     "reference_code", None,
@@ -63,18 +62,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random checkpoints and of t
 _WORK_DIR = flags.DEFINE_string("work_dir", os.path.join(common.BENCH_DIR, "_work"),
                                 "Scratch directory: random checkpoints and inputs.")
 _RECORD = flags.DEFINE_boolean("record", True, "Append the results to bench/RESULTS.md.")
-
-
-def checkpoint_dir(name: str) -> str:
-    """The random fp16 checkpoint of a preset (shared with bench/forward.py), written on first use."""
-    config = preset(name)
-    if config.family != "chatglm":
-        raise app.UsageError(f"--configs: {name!r} is not a ChatGLM-6B-architecture preset")
-    directory = os.path.join(_WORK_DIR.value, f"{name}-seed{_SEED.value}-float16")
-    if not os.path.isdir(directory):
-        print(f"writing random checkpoint {directory}", flush=True)
-        write_random_hf_checkpoint(config, directory, seed=_SEED.value, dtype="float16", num_shards=2)
-    return directory
 
 
 def prompts(config: GLMConfig, batch: int) -> np.ndarray:
@@ -112,7 +99,7 @@ def time_to_first_token(model, params, prompt: list[int]) -> float:
 
 
 def bench_config(name: str, bandwidth: list[float], notes: list[str]) -> list[dict[str, Any]]:
-    checkpoint = checkpoint_dir(name)
+    checkpoint = common.random_checkpoint(name, _WORK_DIR.value, _SEED.value)
     model, params = load_pretrained(checkpoint, dtype="float32", scan_layers=_SCAN_LAYERS.value)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     n, n2 = _NEW_TOKENS.value, _NEW_TOKENS.value // 2 + 1

@@ -33,10 +33,9 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from glm_jax import GLMConfig, GLMForCausalLM, load_pretrained, preset  # noqa: E402
+from glm_jax import GLMConfig, GLMForCausalLM, load_pretrained  # noqa: E402
 from glm_jax.hf_io import read_hf_config  # noqa: E402
 from glm_jax.config import from_hf_config  # noqa: E402
-from glm_jax.testing_checkpoints import write_random_hf_checkpoint  # noqa: E402
 
 GOLDEN = "golden"
 
@@ -82,14 +81,7 @@ def model_checkpoint(name: str) -> str:
     """The checkpoint directory of a --configs entry, writing the random one on first use."""
     if name == GOLDEN:
         return _GOLDEN.value
-    config = preset(name)
-    if config.family != "chatglm":
-        raise app.UsageError(f"--configs: {name!r} is not a ChatGLM-6B-architecture preset (family {config.family!r})")
-    directory = os.path.join(_WORK_DIR.value, f"{name}-seed{_SEED.value}-float16")
-    if not os.path.isdir(directory):
-        print(f"writing random checkpoint {directory}", flush=True)
-        write_random_hf_checkpoint(config, directory, seed=_SEED.value, dtype="float16", num_shards=2)
-    return directory
+    return common.random_checkpoint(name, _WORK_DIR.value, _SEED.value)
 
 
 def prompt_ids(config: GLMConfig, batch: int, seq_len: int) -> np.ndarray:

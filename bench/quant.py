@@ -97,14 +97,8 @@ CONTEXT, TARGET = 12, 48  # held-out paragraph tokens given as prompt / scored a
 
 
 def checkpoint_dir(name: str) -> str:
-    """The random fp16 checkpoint of a preset, shared with bench/decode.py (same path), written on first use."""
-    from glm_jax.testing_checkpoints import write_random_hf_checkpoint
-
-    directory = os.path.join(_WORK_DIR.value, f"{name}-seed{_SEED.value}-float16")
-    if not os.path.isdir(directory):
-        print(f"writing random checkpoint {directory}", flush=True)
-        write_random_hf_checkpoint(preset(name), directory, seed=_SEED.value, dtype="float16", num_shards=2)
-    return directory
+    """The random fp16 checkpoint of a preset, the one bench/decode.py uses (same path)."""
+    return common.random_checkpoint(name, _WORK_DIR.value, _SEED.value)
 
 
 def prompt(config: Any, length: int) -> list[int]:

@@ -293,6 +293,13 @@ class _AppendedSpecialsTokenizer:
     special_names: tuple[str, ...] = ()
     gmask_name = "[gMASK]"
     sop_name = "sop"
+    vocab_file = "tokenizer.model"  # the file name in a checkpoint directory
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> "_AppendedSpecialsTokenizer":
+        """Load from a vocabulary file or a checkpoint directory holding ``cls.vocab_file``."""
+        path = os.fspath(path)
+        return cls(os.path.join(path, cls.vocab_file) if os.path.isdir(path) else path)
 
     def _setup_specials(self, base_size: int) -> None:
         self.base_size = base_size
@@ -383,12 +390,6 @@ class ChatGLM2Tokenizer(_AppendedSpecialsTokenizer):
             raise ValueError(f"SentencePiece model {path!r} has no <s> / </s> piece")
         self.model_file = path
         self._setup_specials(self._sp.GetPieceSize())
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> ChatGLM2Tokenizer:
-        """Load from a model file or a checkpoint directory holding ``tokenizer.model``."""
-        path = os.fspath(path)
-        return cls(os.path.join(path, CHATGLM2_VOCAB_FILE) if os.path.isdir(path) else path)
 
     @property
     def bos_token_id(self) -> int:
@@ -510,12 +511,6 @@ class GLM4Tokenizer(_AppendedSpecialsTokenizer):
         self._tokens = {rank: token for token, rank in ranks.items()}
         self.model_file = path
         self._setup_specials(len(ranks))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> GLM4Tokenizer:
-        """Load from a rank file or a checkpoint directory holding ``tokenizer.model``."""
-        path = os.fspath(path)
-        return cls(os.path.join(path, GLM4_VOCAB_FILE) if os.path.isdir(path) else path)
 
     @property
     def eos_token_id(self) -> int:
