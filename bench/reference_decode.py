@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from absl import app, flags  # noqa: E402
 
 from reference_forward import (  # noqa: E402 - its flags are this program's flags too
-    _CHECKPOINT, _DTYPE, _INPUTS, _REFERENCE_CODE, _REPEATS, _THREADS, _WARMUP, peak_rss_mb, staged_model_dir,
+    _DTYPE, _INPUTS, _REPEATS, _WARMUP, official_runtime, peak_rss_mb,
 )
 
 _NEW_TOKENS = flags.DEFINE_list("new_tokens", ["1", "65", "128"], "Numbers of new tokens to time.")
@@ -32,14 +32,8 @@ _NEW_TOKENS = flags.DEFINE_list("new_tokens", ["1", "65", "128"], "Numbers of ne
 
 def main(argv: list[str]) -> None:
     del argv
-    model_dir = staged_model_dir(_CHECKPOINT.value, _REFERENCE_CODE.value)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import numpy as np  # noqa: PLC0415 - after the environment above is set
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-
-    torch.set_num_threads(_THREADS.value)
+    model_dir, torch, transformers = official_runtime()
+    import numpy as np  # noqa: PLC0415 - the reference environment's NumPy 1.x
     model = transformers.AutoModel.from_pretrained(model_dir, trust_remote_code=True)
     model = model.to(getattr(torch, _DTYPE.value)).eval()
     shutil.rmtree(os.path.dirname(model_dir), ignore_errors=True)

@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 # Passive OpenMP workers: with spinning workers about one fp32 run in three on a shared 2-core
 # machine slows down 5-15x for the whole process. Must be set before torch starts its thread pool.
@@ -71,16 +72,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def official_runtime() -> tuple[str, Any, Any]:
+    """(staged model directory, torch, transformers): the hub switched off before transformers is
+    imported, torch limited to --threads. Shared by every reference runner."""
     model_dir = staged_model_dir(_CHECKPOINT.value, _REFERENCE_CODE.value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import numpy as np  # noqa: PLC0415 - after the environment above is set
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - after the environment above is set
     import transformers  # noqa: PLC0415
 
     torch.set_num_threads(_THREADS.value)
+    return model_dir, torch, transformers
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    model_dir, torch, transformers = official_runtime()
+    import numpy as np  # noqa: PLC0415 - the reference environment's NumPy 1.x
     start = time.perf_counter()
     model = transformers.AutoModel.from_pretrained(model_dir, trust_remote_code=True)
     model = model.to(getattr(torch, _DTYPE.value)).eval()

@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see reference_forward.py
 from absl import app, flags  # noqa: E402
 
 from reference_forward import (  # noqa: E402 - its flags are this program's flags too
-    _CHECKPOINT, _INPUTS, _REFERENCE_CODE, _REPEATS, _THREADS, peak_rss_mb, staged_model_dir,
+    _INPUTS, _REPEATS, official_runtime, peak_rss_mb,
 )
 
 _BITS = flags.DEFINE_list("bits", ["8", "4"], "Quantization widths to try.")
@@ -30,14 +30,8 @@ _NEW_TOKENS = flags.DEFINE_list("new_tokens", ["9", "16"], "Numbers of new token
 
 def main(argv: list[str]) -> None:
     del argv
-    model_dir = staged_model_dir(_CHECKPOINT.value, _REFERENCE_CODE.value)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import numpy as np  # noqa: PLC0415 - after the environment above is set
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-
-    torch.set_num_threads(_THREADS.value)
+    model_dir, torch, transformers = official_runtime()
+    import numpy as np  # noqa: PLC0415 - the reference environment's NumPy 1.x
     ids = torch.from_numpy(np.load(_INPUTS.value)["b1"].astype(np.int64))
     results = {}
     for bits in map(int, _BITS.value):
