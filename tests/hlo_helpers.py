@@ -1,4 +1,4 @@
-"""Reading compiled HLO text: which float buffers a program writes to memory."""
+"""Reading compiled HLO text: which float buffers a program writes to memory, which matmuls run in float32."""
 
 import re
 
@@ -28,3 +28,11 @@ def materialised_float_buffers(hlo_text: str, min_elements: int) -> list[str]:
                 if size >= min_elements:
                     found.append(f"{m.group(1)}: {m.group(2)}[{m.group(3)}] {m.group(4)}")
     return found
+
+
+def float32_dot_operands(hlo_text: str) -> list[str]:
+    """Operand pairs of the dots of an optimized HLO module that read a float32 operand (XLA's
+    instruction names are unique within a module)."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo_text))
+    dots = re.findall(r"= \w+\[[^\]]*\]\{[^}]*\} dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo_text)
+    return [f"{a}, {b}" for a, b in dots if "f32" in (types.get(a), types.get(b))]

@@ -17,6 +17,7 @@ from jax import lax
 
 from glm_jax import quantization
 from glm_jax.config import GLMConfig
+from glm_jax.modeling.accumulating_dot import accumulating_dot, bf16_backward_applies
 
 Array = jnp.ndarray
 
@@ -79,16 +80,13 @@ class Linear(nn.Module):
                 "kernel", _init(self.init_stddev, self.axes), (*in_shape, *self.features), as_dtype(self.param_dtype)
             )
             contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-            y = lax.dot_general(
-                x.astype(dtype), kernel.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32
-            )
+            y = accumulating_dot(x, kernel, contract, dtype)
         if self.lora_rank:
             if lora_x is None:
                 raise ValueError(f"Linear {self.name!r} has a LoRA adapter but was called without its lora_x")
             b_init = nn.with_logical_partitioning(nn.initializers.zeros, (None, *self.axes[self.in_dims:]))
             lora_b = self.param("lora_b", b_init, (self.lora_rank, *self.features), jnp.float32)
-            delta = lax.dot_general(lora_x.astype(dtype), lora_b.astype(dtype), (((lora_x.ndim - 1,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+            delta = accumulating_dot(lora_x, lora_b, ((lora_x.ndim - 1,), (0,)), dtype)
             y = y + self.lora_scale * delta
         if self.use_bias:
             bias = self.param(
@@ -107,19 +105,19 @@ def tied_logits(x: Array, table: Array, dtype: jnp.dtype) -> Array:
     """`x · tableᵀ` in `dtype` with float32 accumulation: the tied output layer.
 
     Not `nn.Embed.attend`: its bf16/fp16-output dot is ~5x slower on CPU than accumulating in
-    float32. XLA:CPU also converts a half-precision dot operand to a float32 copy first, which for a
-    vocabulary-sized table (2 GiB for ChatGLM-6B) would be the largest buffer of a fine-tuning step;
-    there the table is projected in chunks of rows, so only one chunk is converted at a time (each
-    logit is the same dot either way).
+    float32. Where XLA:CPU has no half-precision kernel for a dot (float16, or bf16 outside
+    `accumulating_dot`'s own backward pass) it converts the operands to float32 copies first, which
+    for a vocabulary-sized table (2 GiB for ChatGLM-6B) would be the largest buffer of a fine-tuning
+    step; there the table is projected in chunks of rows, so only one chunk is converted at a time
+    (each logit is the same dot either way).
     """
-    contract = (((x.ndim - 1,), (1,)), ((), ()))
-
     def project(rows: Array) -> Array:
-        return lax.dot_general(x.astype(dtype), rows.astype(dtype), contract, preferred_element_type=jnp.float32)
+        return accumulating_dot(x, rows, ((x.ndim - 1,), (1,)), dtype)
 
     vocab, width = table.shape
     chunk = max(d for d in range(1, min(vocab, HEAD_CHUNK_ROWS) + 1) if vocab % d == 0)
-    if jax.default_backend() != "cpu" or dtype == jnp.float32 or chunk == vocab or chunk < HEAD_CHUNK_ROWS // 16:
+    upcast_on_cpu = jax.default_backend() == "cpu" and dtype != jnp.float32 and not bf16_backward_applies(dtype)
+    if not upcast_on_cpu or chunk == vocab or chunk < HEAD_CHUNK_ROWS // 16:
         return project(table).astype(dtype)
     chunks = lax.map(project, table.reshape(vocab // chunk, chunk, width))  # [n, *lead, chunk]
     return jnp.moveaxis(chunks, 0, -2).reshape(*x.shape[:-1], vocab).astype(dtype)
@@ -170,8 +168,7 @@ class LoRADown(nn.Module):
         dtype = as_dtype(self.dtype)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic or self.dropout == 0.0)
         contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
-        return lax.dot_general(x.astype(dtype), a.astype(dtype), (contract, ((), ())),
-                               preferred_element_type=jnp.float32).astype(dtype)
+        return accumulating_dot(x, a, contract, dtype).astype(dtype)
 
 
 def lora_down(config: GLMConfig, target: str, in_axes: tuple[str, ...], x: Array, deterministic: bool) -> Array | None:
