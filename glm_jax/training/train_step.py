@@ -116,20 +116,24 @@ def make_train_step(
     gradients and updates, and `state.opt_state` must be `tx.init` of that sub-tree alone; the frozen
     rest (which may be integer, e.g. an INT4 base) is passed through untouched.
     """
-    value_and_grad = jax.value_and_grad(
-        lambda p, frozen, b, rng: loss_sums(model, combine_params(p, frozen), b, config.embedding_grad_shrink, rng),
-        has_aux=True)
+    def normalized_loss(params, frozen, batch, rng, denom):
+        # Dividing the loss (not the gradients) by the step's token count: the gradients come out
+        # normalised, with no extra pass over a parameter-sized tree.
+        loss, aux = loss_sums(model, combine_params(params, frozen), batch, config.embedding_grad_shrink, rng)
+        return loss / denom, aux
 
-    def accumulate(params, frozen, batch, rng):
+    value_and_grad = jax.value_and_grad(normalized_loss, has_aux=True)
+
+    def accumulate(params, frozen, batch, rng, denom):
         if config.grad_accum == 1:
-            (loss, (correct, count)), grads = value_and_grad(params, frozen, batch, rng)
+            (loss, (correct, count)), grads = value_and_grad(params, frozen, batch, rng, denom)
             return loss, correct, count, grads
         micro = jax.tree.map(lambda x: x.reshape(config.grad_accum, -1, *x.shape[1:]), batch)
 
         def body(carry, mb):
             index, mb = mb
             micro_rng = None if rng is None else jax.random.fold_in(rng, index)
-            (loss, (correct, count)), grads = value_and_grad(params, frozen, mb, micro_rng)
+            (loss, (correct, count)), grads = value_and_grad(params, frozen, mb, micro_rng, denom)
             sums = (carry[0] + loss, carry[1] + correct, carry[2] + count)
             return (*sums, jax.tree.map(jnp.add, carry[3], grads)), None
 
@@ -141,10 +145,8 @@ def make_train_step(
     def step(state: TrainState, batch: dict[str, jax.Array]):
         train_params, frozen = partition_params(state.params, trainable)
         rng = jax.random.fold_in(jax.random.key(config.dropout_seed), state.step) if config.dropout else None
-        loss_sum, correct, count, grad_sums = accumulate(train_params, frozen, batch, rng)
-        denom = jnp.maximum(count, 1.0)
-        loss = loss_sum / denom
-        grads = jax.tree.map(lambda g: g / denom, grad_sums)
+        denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)  # scored tokens of the step
+        loss, correct, count, grads = accumulate(train_params, frozen, batch, rng, denom)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         accepted = state.step - state.skipped
