@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from glm_jax.config import preset, to_hf_config  # noqa: E402
+from glm_jax.host_memory import with_huge_page_heap  # noqa: E402
 from glm_jax.data.blank_infilling import layout_generation, pack_examples  # noqa: E402
 from glm_jax.modeling.transformer import GLMForCausalLM  # noqa: E402
 from glm_jax.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
@@ -55,7 +56,9 @@ _SHAPES = flags.DEFINE_list(
     "next to other work).")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"], "JAX remat policy.")
 _SCAN_LAYERS = flags.DEFINE_boolean(
-    "scan_layers", True, "JAX layer layout: scanned stack (compile time independent of depth) or one block per layer.")
+    "scan_layers", False, "JAX layer layout of the timed rows: one block per layer (faster on CPU: no stacked "
+    "gradient buffers to zero, fill and convert) or the scanned stack (compile time independent of depth; the "
+    "ChatGLM-6B compile row always uses it).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per case (after one untimed step).")
 _COMPILE_6B = flags.DEFINE_string(
     "compile_6b", "1x2048", "BATCHxSEQ_LEN of the AOT-compiled ChatGLM-6B train step (bf16 compute, full remat); "
@@ -166,6 +169,8 @@ def main(argv: list[str]) -> None:
     print(f"peak matmul: f32 {f32 / 1e9:.0f} GFLOP/s, bf16->f32 {bf16 / 1e9:.0f} GFLOP/s", flush=True)
     rows, notes = [], [f"Peak matmul rate measured in this run: f32 {f32 / 1e9:.0f} GFLOP/s, bf16 inputs with "
                        f"f32 accumulation {bf16 / 1e9:.0f} GFLOP/s (best of 10); MFU of bf16 rows is against the latter."]
+    notes.append(f"JAX layers: {'scanned stack' if _SCAN_LAYERS.value else 'one block per layer'}. Heap of both "
+                 f"sides: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} (glm_jax/host_memory.py).")
     if not _REFERENCE_CODE.value:
         notes.append("JAX only: no --reference_code given, so no official PyTorch figures.")
     for entry in _SHAPES.value:
@@ -211,4 +216,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    with_huge_page_heap()  # as glm-train does; the official side inherits the same heap setting
     app.run(main)

@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from glm_jax.cli import quiet_backend_probing
+from glm_jax.host_memory import with_huge_page_heap
 
 config_flags.DEFINE_config_file("config", None, "A configs/finetune/*.py file; override fields with --config.x=y.")
 flags.DEFINE_string("workdir", None, "Directory for the resolved config, checkpoints, metrics, adapter, predictions.",
@@ -41,6 +42,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    with_huge_page_heap()  # faster steps on CPU (glm_jax/host_memory.py)
     app.run(main)
 
 

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from glm_jax.cli import quiet_backend_probing
 from glm_jax.cli.distributed import initialize_distributed
+from glm_jax.host_memory import with_huge_page_heap
 
 config_flags.DEFINE_config_file("config", None, "A configs/pretrain/*.py file; override fields with --config.x=y.")
 flags.DEFINE_string("workdir", None, "Directory for the resolved config, checkpoints and metrics.", required=True)
@@ -46,6 +47,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    with_huge_page_heap()  # faster steps on CPU (glm_jax/host_memory.py)
     app.run(main)
 
 
