@@ -65,6 +65,25 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = True) -> Any:
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
+def computed_in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` with its arithmetic in float32, its state stored in the dtypes `inner.init` chose.
+
+    With half-precision params optax rounds after every elementwise operation of the update (a bf16
+    round trip per operation, slow on CPU, and less precise). Here gradients, params and state are
+    read once into float32, each leaf's update is one float32 expression, and only the stored state
+    is rounded, once; the float32 updates are rounded to the params' dtype when applied. Float32
+    training is unchanged.
+    """
+    def widen(tree: Any) -> Any:
+        return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+    def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        updates, new_state = inner.update(widen(grads), widen(state), None if params is None else widen(params))
+        return updates, jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
+
+    return optax.GradientTransformation(inner.init, update)
+
+
 def make_optimizer(config: OptimizerConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(config)
     parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm > 0 else []
@@ -72,4 +91,4 @@ def make_optimizer(config: OptimizerConfig) -> tuple[optax.GradientTransformatio
         schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
         mask=lambda p: weight_decay_mask(p, config.decay_embeddings), mu_dtype=jnp.float32,
     ))
-    return optax.chain(*parts), schedule
+    return computed_in_float32(optax.chain(*parts)), schedule
