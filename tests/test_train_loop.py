@@ -142,8 +142,10 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(tmp_path, caplog
     for path in (tmp_path / "ckpt" / "1" / "state").rglob("*"):
         if path.is_file() and "d" == path.parent.name:
             path.write_bytes(b"garbage")
+    checkpointer = Checkpointer(tmp_path / "ckpt", async_save=False)
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
-        Checkpointer(tmp_path / "ckpt", async_save=False).restore_latest(abstract)
+        checkpointer.restore_latest(abstract)
+    checkpointer.close()
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "pretrain").glob("*.py")))
