@@ -21,6 +21,7 @@ the flattened transpose would defeat the sharding) use the plain dot and JAX's b
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +71,7 @@ def _dot(a: Array, b: Array, a_axis: int, b_axis: int) -> Array:
 
 def _as_matrices(x: Array, w: Array, n_contract: int, w_leading: bool) -> tuple[Array, Array]:
     """`x` as `[tokens, K]` and `w` as `[K, N]` (leading) or `[N, K]` (trailing contraction), in bf16."""
-    k = 1
-    for size in x.shape[x.ndim - n_contract:]:
-        k *= size
+    k = math.prod(x.shape[x.ndim - n_contract:])
     x2 = x.astype(jnp.bfloat16).reshape(-1, k)
     w2 = w.astype(jnp.bfloat16)
     return x2, (w2.reshape(k, -1) if w_leading else w2.reshape(-1, k))
