@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
+from distributed_helpers import coordinator_address, run_processes
 from glm_jax.training.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "pretrain" / "synthetic_tiny.py")
 STEPS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(workdir, *extra):
@@ -42,14 +36,9 @@ def test_two_processes_match_one(tmp_path):
     subprocess.run(_command(single), env=env, check=True, capture_output=True, timeout=300)
 
     shared = tmp_path / "distributed"
-    address = f"127.0.0.1:{_free_port()}"
-    processes = [
-        subprocess.Popen(_command(shared, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"),
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    address = coordinator_address()
+    outputs = run_processes(
+        lambda i: _command(shared, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"), 2, env)
     assert "2 process(es)" in outputs[0] and "'data': 2" in outputs[0]
 
     expected = [r["loss"] for r in read_metrics(str(single))]
