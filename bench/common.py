@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import resource
@@ -58,6 +59,16 @@ def memory_bandwidth_gbps(megabytes: int = 512, repeats: int = 10) -> float:
     total = jax.jit(jnp.sum)
     seconds = time_calls(lambda: total(x), warmup=2, repeats=repeats).best
     return x.nbytes / seconds / 1e9
+
+
+def copy_bandwidth_gbps(megabytes: int = 512, repeats: int = 10) -> float:
+    """Bytes read plus bytes written per second, in GB/s, of a jitted elementwise pass (`2 * x`) over a
+    float32 array far larger than the caches: on accelerators a streaming pass reaches closer to the
+    memory's peak than a reduction does."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    double = jax.jit(lambda x: 2 * x)
+    seconds = time_calls(lambda: double(x), warmup=2, repeats=repeats).best
+    return 2 * x.nbytes / seconds / 1e9
 
 
 def peak_matmul_flops(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> float:
@@ -147,3 +158,64 @@ def random_checkpoint(name: str, work_dir: str, seed: int) -> str:
         print(f"writing random checkpoint {directory}", flush=True)
         write_random_hf_checkpoint(config, directory, seed=seed, dtype="float16", num_shards=2)
     return directory
+
+
+def random_params_on_device(model: Any, seed: int) -> Any:
+    """Random params of `model` (float or quantized, any layer layout) built on the default device
+    block by block.
+
+    Each leaf is allocated once and filled one layer (stacked leaves) or one row block at a time
+    through a donated buffer, so a full-size model is built without a checkpoint on disk, without
+    host memory, and without a float copy of a quantized weight. Weights ~N(0, 0.02); int8 weights
+    uniform; quantization scales those of such weights; LayerNorms identity; biases zero.
+    """
+    import flax.linen as nn
+
+    from glm_jax import quantization
+
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"])
+    keys = iter(jax.random.split(jax.random.key(seed), 4096))
+
+    @functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=0)
+    def fill(buffer: jax.Array, block: tuple, kind: str, start: jax.Array, key: jax.Array) -> jax.Array:
+        if kind == "int8":
+            values = jax.random.randint(key, block, -128, 128, jnp.int32)
+        elif kind == "qscale":  # per-row scales of weights ~N(0, 0.02): max |w| / 7 for INT4
+            values = jax.random.uniform(key, block, jnp.float32, 0.5, 1.5) * (0.06 / 7)
+        else:
+            values = jax.random.normal(key, block, jnp.float32) * 0.02
+        return jax.lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), start, axis=0)
+
+    def make(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name = path[-1].key
+        if name in ("bias", "scale"):  # Linear / LayerNorm biases, LayerNorm weights
+            return (jnp.ones if name == "scale" else jnp.zeros)(leaf.shape, leaf.dtype)
+        kind = "int8" if leaf.dtype == jnp.int8 else ("qscale" if name == quantization.QSCALE else "normal")
+        stacked = path[0].key == "layers"
+        rows = 1 if stacked else max(d for d in range(1, 4097) if leaf.shape[0] % d == 0)
+        buffer = jnp.zeros(leaf.shape, leaf.dtype)
+        for start in range(0, leaf.shape[0], rows):
+            buffer = fill(buffer, (rows, *leaf.shape[1:]), kind, start, next(keys))
+        return buffer
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+def decode_timing(model: Any, params: Any, prompts: list[list[int]], n: int, repeats: int) -> dict[str, Any]:
+    """Greedy `generate` of exactly n and n // 2 + 1 tokens per prompt (compiled first; best of `repeats`
+    calls each): decode tok/s `batch * (N - N2) / (T(N) - T(N2))`, in which prefill and call overheads
+    cancel, the step time, end-to-end tok/s `batch * N / T(N)`, time to first token (`T(1)`) and
+    the compile seconds of the program (N2 and 1 reuse it: the token budget is a traced limit)."""
+    from glm_jax.generation import generate_with_stats
+
+    n2 = n // 2 + 1
+    compile_s = generate_with_stats(model, params, prompts, max_new_tokens=n, stop_ids=()).compile_seconds
+    best: dict[int, float] = {}
+    for _ in range(repeats):
+        for count in (n, n2, 1):
+            out = generate_with_stats(model, params, prompts, max_new_tokens=count, stop_ids=())
+            best[count] = min(best.get(count, float("inf")), out.run_seconds)
+    step_s = (best[n] - best[n2]) / (n - n2)  # <= 0 only when noise swamps the extra tokens: reported as 0
+    batch = len(prompts)
+    return {"decode_tok_s": batch / step_s if step_s > 0 else 0.0, "step_s": step_s, "e2e_tok_s": batch * n / best[n],
+            "ttft_s": best[1], "compile_s": compile_s}

@@ -27,7 +27,6 @@ Three parts, each a section of bench/RESULTS.md:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import runpy
@@ -37,7 +36,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -45,7 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from glm_jax import preset, quantization  # noqa: E402
-from glm_jax.generation import generate_with_stats  # noqa: E402
 
 # name -> (compute/param dtype, quantization, quantized embedding, group size, CPU decode matmul path)
 # Paths: "native" (glm_jax.cpu_kernels where it applies, else the XLA tiled loop), "xla-tiled",
@@ -111,19 +108,6 @@ def current_rss_mb() -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def timed_generation(model: Any, params: Any, tokens: list[int], n: int) -> dict[str, Any]:
-    """Best seconds of greedy `generate` calls producing exactly n and n // 2 + 1 tokens (compiled first)."""
-    n2 = n // 2 + 1
-    compile_s = generate_with_stats(model, params, [tokens], max_new_tokens=n, stop_ids=()).compile_seconds
-    best = {}
-    for _ in range(_REPEATS.value):
-        for count in (n, n2):
-            out = generate_with_stats(model, params, [tokens], max_new_tokens=count, stop_ids=())
-            best[count] = min(best.get(count, float("inf")), out.run_seconds)
-    step_s = (best[n] - best[n2]) / (n - n2)  # <= 0 only when noise swamps the extra tokens: reported as 0
-    return {"decode_tok_s": 1 / step_s if step_s > 0 else 0.0, "step_s": step_s, "e2e_tok_s": n / best[n], "compile_s": compile_s}
-
-
 def run_child(kind: str, variant: str) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), f"--child={kind}", f"--variant={variant}",
                f"--config={_CONFIG.value}", f"--prompt_len={_PROMPT_LEN.value}", f"--new_tokens={_NEW_TOKENS.value}",
@@ -150,7 +134,7 @@ def child_decode(variant: str) -> dict[str, Any]:
     model, params = load_pretrained(checkpoint_dir(_CONFIG.value), dtype=dtype, quantization=quant,
                                     quantize_embeddings=embeddings, quantization_group_size=group, scan_layers=False)
     rss_loaded = current_rss_mb()
-    result = timed_generation(model, params, prompt(model.config, _PROMPT_LEN.value), _NEW_TOKENS.value)
+    result = common.decode_timing(model, params, [prompt(model.config, _PROMPT_LEN.value)], _NEW_TOKENS.value, _REPEATS.value)
     return dict(result, params_bytes=quantization.param_bytes_by_dtype(params), rss_loaded_mb=rss_loaded,
                 rss_end_mb=current_rss_mb(), peak_rss_mb=common.peak_rss_mb())
 
@@ -255,41 +239,6 @@ def decode_part(bandwidth: list[float]) -> tuple[list[dict], list[str]]:
 # ------------------------------------------------------------------- part 2: ChatGLM-6B INT4 RSS
 
 
-def random_quantized_params(model: Any, seed: int) -> Any:
-    """Random params of a quantized model built on the device block by block: each leaf is allocated
-    once and filled one layer (stacked leaves) or one row block (embedding-sized leaves) at a time
-    through a donated buffer, so no float copy of a quantized weight and no second copy of a leaf
-    ever exists. LayerNorms are identity (weight 1, bias 0), biases 0."""
-    import flax.linen as nn
-
-    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"])
-    keys = iter(jax.random.split(jax.random.key(seed), 4096))
-
-    @functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=0)
-    def fill(buffer: jax.Array, block: tuple, kind: str, start: jax.Array, key: jax.Array) -> jax.Array:
-        if kind == "int8":
-            values = jax.random.randint(key, block, -128, 128, jnp.int32)
-        elif kind == "qscale":  # per-row scales of weights ~N(0, 0.02): max |w| / 7 for INT4
-            values = jax.random.uniform(key, block, jnp.float32, 0.5, 1.5) * (0.06 / 7)
-        else:
-            values = jax.random.normal(key, block, jnp.float32) * 0.02
-        return jax.lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), start, axis=0)
-
-    def make(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        name = path[-1].key
-        if name in ("bias", "scale"):  # Linear / LayerNorm biases, LayerNorm weights
-            return (jnp.ones if name == "scale" else jnp.zeros)(leaf.shape, leaf.dtype)
-        kind = "int8" if leaf.dtype == jnp.int8 else ("qscale" if name == quantization.QSCALE else "normal")
-        stacked = path[0].key == "layers"
-        rows = 1 if stacked else max(d for d in range(1, 4097) if leaf.shape[0] % d == 0)
-        buffer = jnp.zeros(leaf.shape, leaf.dtype)
-        for start in range(0, leaf.shape[0], rows):
-            buffer = fill(buffer, (rows, *leaf.shape[1:]), kind, start, next(keys))
-        return buffer
-
-    return jax.tree_util.tree_map_with_path(make, shapes)
-
-
 def child_rss6b(variant: str) -> dict[str, Any]:
     from glm_jax.modeling.transformer import GLMForCausalLM
 
@@ -297,11 +246,11 @@ def child_rss6b(variant: str) -> dict[str, Any]:
     config = preset("chatglm-6b", quantization_bit=int(quant[3:]), quantize_embeddings=embeddings, scan_layers=False)
     model = GLMForCausalLM(config)
     start = time.perf_counter()
-    params = random_quantized_params(model, _SEED.value)
+    params = common.random_params_on_device(model, _SEED.value)
     jax.block_until_ready(params)
     build_s = time.perf_counter() - start
     rss_built = current_rss_mb()
-    result = timed_generation(model, params, prompt(config, 16), _RSS_NEW_TOKENS.value)
+    result = common.decode_timing(model, params, [prompt(config, 16)], _RSS_NEW_TOKENS.value, _REPEATS.value)
     return dict(result, params_bytes=quantization.param_bytes_by_dtype(params), build_s=build_s,
                 rss_built_mb=rss_built, peak_rss_mb=common.peak_rss_mb())
 
