@@ -109,7 +109,8 @@ class GLMConfig:
     remat_policy: RematPolicy = "none"
     # True: one scanned block over weights stacked on a leading layer axis (compile time independent of
     # depth; the layout of training and of every checkpoint). False: one block per layer with its own
-    # weights, which decoding reads in place (`glm_jax.modeling.layer_stack.unstack_layers`).
+    # weights, which decoding reads in place, float Linear kernels output-major
+    # (`glm_jax.modeling.layer_stack.unstack_layers`).
     scan_layers: bool = True
     quantization_bit: int = 0
     # Also store the (tied) word embedding quantized per token row with `quantization_bit`, as the

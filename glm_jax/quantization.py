@@ -321,8 +321,8 @@ def format_param_bytes(params: Any) -> str:
     return f"params {sum(totals.values()) / 1e9:.2f} GB: {parts}"
 
 
-def _linear_in_dims(path: tuple[str, ...]) -> int:
-    """Input axes of a quantizable Linear kernel (`attention/dense` contracts heads and head_dim)."""
+def linear_in_dims(path: tuple[str, ...]) -> int:
+    """Input axes of a block's Linear kernel (`attention/dense` contracts heads and head_dim)."""
     return 2 if path[-2:] == ("attention", "dense") else 1
 
 
@@ -343,7 +343,7 @@ def quantize_params(params: dict, bits: int, embeddings: bool = False, group_siz
             if isinstance(value, dict):
                 out[name] = visit(value, (*path, name))
             elif name == "kernel" and is_quantized_linear(path):
-                q, s = quantize_kernel(np.asarray(value), bits, _linear_in_dims(path), 1, group_size)
+                q, s = quantize_kernel(np.asarray(value), bits, linear_in_dims(path), 1, group_size)
                 out[QKERNEL], out[QSCALE] = q, s
             elif embeddings and path == ("word_embeddings",) and name == "embedding":
                 out[QEMBEDDING], out[QSCALE] = quantize_official(np.asarray(value), bits)
@@ -356,7 +356,7 @@ def quantize_params(params: dict, bits: int, embeddings: bool = False, group_siz
 
 __all__ = [
     "BITS", "QEMBEDDING", "QKERNEL", "QSCALE", "QUANTIZED_LINEARS", "check_group_size", "dequantize_kernel",
-    "dequantize_official", "format_param_bytes", "is_quantized_linear", "pack_int4", "packed_size",
+    "dequantize_official", "format_param_bytes", "is_quantized_linear", "linear_in_dims", "pack_int4", "packed_size",
     "param_bytes_by_dtype", "quantize_kernel", "quantize_official", "quantize_params", "quantized_dot",
     "quantized_dot_rows", "quantized_embedding_lookup", "unpack_int4", "unpack_kernel",
 ]

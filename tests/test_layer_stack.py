@@ -80,7 +80,11 @@ def test_round_trip_between_layouts_is_exact():
     stacked = nn.unbox(GLMForCausalLM(config).init(jax.random.PRNGKey(3), jnp.zeros((1, 4), jnp.int32))["params"])
     host = jax.tree.map(np.asarray, stacked)
     per_layer = unstack_layers(dict(host))
-    np.testing.assert_array_equal(per_layer["layers_1"]["mlp"]["up"]["kernel"], host["layers"]["mlp"]["up"]["kernel"][1])
+    # Float Linear kernels become output-major: [in, out] -> [out, in]; attention.dense [heads, d, h] -> [h, heads, d].
+    np.testing.assert_array_equal(per_layer["layers_1"]["mlp"]["up"]["kernel"], host["layers"]["mlp"]["up"]["kernel"][1].T)
+    np.testing.assert_array_equal(per_layer["layers_1"]["attention"]["dense"]["kernel"],
+                                  host["layers"]["attention"]["dense"]["kernel"][1].transpose(2, 0, 1))
+    np.testing.assert_array_equal(per_layer["layers_1"]["input_norm"]["scale"], host["layers"]["input_norm"]["scale"][1])
     back = stack_layers(per_layer)
     assert jax.tree.structure(back) == jax.tree.structure(host)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, b), back, host)))
@@ -121,3 +125,32 @@ def test_per_layer_decode_step_reads_weights_in_place():
     smallest_weight = config.hidden_size * config.hidden_size
     assert materialised_float_buffers(_decode_step_hlo(config), smallest_weight)  # the check can fail
     assert materialised_float_buffers(_decode_step_hlo(config.replace(scan_layers=False)), smallest_weight) == []
+
+
+@pytest.mark.parametrize("features, in_dims, dtype", [((8,), 1, "float32"), ((2, 4), 1, "float32"),
+                                                      ((8,), 2, "float32"), ((2, 4), 1, "bfloat16")])
+def test_output_major_linear_computes_the_same_function(features, in_dims, dtype):
+    """An output-major Linear ([*out, *in] kernel) against float64 NumPy on the same weights: value and
+    both gradients (bf16 takes the custom backward pass on CPU)."""
+    from glm_jax.modeling.layers import Linear
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, *(2, 6)[2 - in_dims:])).astype(np.float32)
+    in_shape = x.shape[1:]
+    axes = (None,) * (in_dims + len(features))
+    linear = Linear(features, axes, use_bias=False, in_dims=in_dims, dtype=dtype, param_dtype=dtype, output_major=True)
+    kernel = nn.unbox(linear.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"])["kernel"]
+    assert kernel.shape == (*features, *in_shape)
+    w = np.asarray(kernel, np.float64).reshape(int(np.prod(features)), -1)  # [out, in]
+    x2 = np.asarray(jnp.asarray(x).astype(dtype), np.float64).reshape(3, -1)
+    g = rng.standard_normal((3, int(np.prod(features))))
+
+    def loss(x, kernel):
+        y = linear.apply({"params": {"kernel": kernel}}, x).astype(jnp.float32)
+        return jnp.sum(y.reshape(3, -1) * g)
+
+    value, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(x), kernel)
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(value, np.sum((x2 @ w.T) * g), rtol=tolerance)
+    np.testing.assert_allclose(np.asarray(dx, np.float64).reshape(3, -1), g @ w, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(np.asarray(dw, np.float64).reshape(w.shape), g.T @ x2, rtol=tolerance, atol=tolerance)

@@ -42,6 +42,12 @@ class Linear(nn.Module):
     (`glm_jax.quantization`, the official ChatGLM scheme); `quantization_group_size` > 0 gives every
     group of that many values of the last input axis its own scale (`qscale [*in[:-1], groups, *out]`).
 
+    With `output_major` a float kernel is stored `[*out, *in]` (PyTorch's order) instead of
+    `[*in, *out]`: the layout of the per-layer (decoding) blocks, because a matrix-vector product
+    that reads each output's weights as one contiguous run streams faster than one that scatters
+    every input row across the outputs (about 13% more bandwidth on XLA:CPU over a model's
+    worth of weights). Quantized kernels keep their layout.
+
     With `lora_rank` > 0 it owns a LoRA `lora_b [rank, *features]` (zeros) and adds
     `lora_scale · lora_x · lora_b`, where `lora_x` is the output of the adapter's `LoRADown`, which
     the caller computes once and may share between Linears (fused official modules).
@@ -58,6 +64,7 @@ class Linear(nn.Module):
     quantization_group_size: int = 0
     lora_rank: int = 0
     lora_scale: float = 1.0
+    output_major: bool = False
 
     @nn.compact
     def __call__(self, x: Array, lora_x: Array | None = None) -> Array:
@@ -76,11 +83,20 @@ class Linear(nn.Module):
             qscale = self.param(quantization.QSCALE, scale_init, scale_shape, as_dtype(self.param_dtype))
             y = quantization.quantized_dot(x, qkernel, qscale, bits, self.in_dims, dtype)
         else:
-            kernel = self.param(
-                "kernel", _init(self.init_stddev, self.axes), (*in_shape, *self.features), as_dtype(self.param_dtype)
-            )
-            contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-            y = accumulating_dot(x, kernel, contract, dtype)
+            if self.output_major:
+                in_axes, out_axes = self.axes[:self.in_dims], self.axes[self.in_dims:]
+                kernel = self.param("kernel", _init(self.init_stddev, (*out_axes, *in_axes)),
+                                    (*self.features, *in_shape), as_dtype(self.param_dtype))
+                # As one [out, in] matrix: given several output or input axes, XLA:CPU copies the
+                # kernel into a transposed buffer before the dot.
+                lead, width = x.shape[:x.ndim - self.in_dims], math.prod(in_shape)
+                y = accumulating_dot(x.reshape(*lead, width), kernel.reshape(-1, width),
+                                     ((len(lead),), (1,)), dtype).reshape(*lead, *self.features)
+            else:
+                kernel = self.param("kernel", _init(self.init_stddev, self.axes), (*in_shape, *self.features),
+                                    as_dtype(self.param_dtype))
+                contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+                y = accumulating_dot(x, kernel, contract, dtype)
         if self.lora_rank:
             if lora_x is None:
                 raise ValueError(f"Linear {self.name!r} has a LoRA adapter but was called without its lora_x")
@@ -316,7 +332,7 @@ class Attention(nn.Module):
     ) -> Array:
         cfg = self.config
         dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, quantization_bit=cfg.quantization_bit,
-                     quantization_group_size=cfg.quantization_group_size)
+                     quantization_group_size=cfg.quantization_group_size, output_major=not cfg.scan_layers)
         qkv_lora = lora_down(cfg, "query_key_value", ("embed",), x, self.deterministic)
         qkv = dict(dense, **lora_fields(cfg, qkv_lora))
         q_axes, kv_axes = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
@@ -373,7 +389,8 @@ class MLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias,
-                     quantization_bit=cfg.quantization_bit, quantization_group_size=cfg.quantization_group_size)
+                     quantization_bit=cfg.quantization_bit, quantization_group_size=cfg.quantization_group_size,
+                     output_major=not cfg.scan_layers)
         in_lora = lora_down(cfg, "dense_h_to_4h", ("embed",), x, self.deterministic)
         up = Linear((cfg.ffn_hidden_size,), ("embed", "mlp"), name="up", **dense, **lora_fields(cfg, in_lora))(x, in_lora)
         if cfg.mlp_type == "gelu":
