@@ -67,6 +67,12 @@ def _input_major(kernel: Any, in_dims: int) -> Any:
     return _permute(kernel, (*range(out_dims, kernel.ndim), *range(out_dims)))
 
 
+def _stacked_leaf(path: tuple[Any, ...], leaf: Any) -> Any:
+    """A per-layer leaf in the orientation of the stacked layout (Linear kernels input-major)."""
+    in_dims = _linear_kernel_in_dims(path)
+    return _input_major(leaf, in_dims) if in_dims else leaf
+
+
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
     """The per-layer layout of stacked `params` (NumPy or jax leaves; other top-level entries kept).
 
@@ -106,11 +112,7 @@ def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
     count = 0
     while f"{LAYER_PREFIX}{count}" in params:
         count += 1
-    def input_major(path: tuple[Any, ...], leaf: Any) -> Any:
-        in_dims = _linear_kernel_in_dims(path)
-        return _input_major(leaf, in_dims) if in_dims else leaf
-
-    layers = [jax.tree_util.tree_map_with_path(input_major, params[f"{LAYER_PREFIX}{i}"]) for i in range(count)]
+    layers = [jax.tree_util.tree_map_with_path(_stacked_leaf, params[f"{LAYER_PREFIX}{i}"]) for i in range(count)]
     out = {name: tree for name, tree in params.items() if not name.startswith(LAYER_PREFIX)}
     stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(layers[0])) else jax.numpy.stack
     out[STACKED] = jax.tree.map(lambda *xs: stack(xs), *layers)
