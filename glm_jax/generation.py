@@ -220,6 +220,11 @@ class _ProgramCache:
         self.compile_seconds += seconds
         return compiled, seconds
 
+    def compiled(self, name: str) -> list[tuple[DecodePlan, Any]]:
+        """(plan, program) of each program of `name` compiled so far: their optimized HLO shows what XLA
+        made of a plan."""
+        return [(plan, program) for (kind, plan, _), program in self._programs.items() if kind == name]
+
 
 PROGRAMS = _ProgramCache()
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from glm_jax import GLMForCausalLM, generate, load_pretrained, preset
+from glm_jax.generation import PROGRAMS
 from glm_jax.modeling.layer_stack import is_unstacked, model_for_params, stack_layers, unstack_layers
 from glm_jax.sharding import make_mesh
 from hlo_helpers import materialised_float_buffers
@@ -125,6 +126,24 @@ def test_per_layer_decode_step_reads_weights_in_place():
     smallest_weight = config.hidden_size * config.hidden_size
     assert materialised_float_buffers(_decode_step_hlo(config), smallest_weight)  # the check can fail
     assert materialised_float_buffers(_decode_step_hlo(config.replace(scan_layers=False)), smallest_weight) == []
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_loop_updates_the_kv_cache_in_place(batch):
+    """The compiled generate loop writes each new key/value into its cache slot: no copy of a layer's
+    cache per token (at batch 1 XLA:CPU made four, when the stored cache kept its size-1 batch axis)."""
+    config = preset("chatglm-tiny", scan_layers=False)
+    model = GLMForCausalLM(config)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    prompt = [5, 6, 7, config.gmask_token_id, config.bos_token_id]
+    generate(model, params, [prompt] * batch, max_new_tokens=9, stop_ids=())
+    programs = {plan: p for plan, p in PROGRAMS.compiled("generate")
+                if plan.model.config == config and plan.batch == batch}
+    assert programs
+    for plan, program in programs.items():  # also those of earlier tests with this model
+        layer_cache = batch * config.num_kv_heads * plan.cache_len * config.head_dim
+        copies = [b for b in materialised_float_buffers(program.as_text(), layer_cache) if b.endswith(" copy")]
+        assert copies == [], plan
 
 
 @pytest.mark.parametrize("features, in_dims, dtype", [((8,), 1, "float32"), ((2, 4), 1, "float32"),

@@ -316,8 +316,8 @@ class Attention(nn.Module):
     """Self-attention with rotary positions, optional P-Tuning v2 prefix and a decode KV cache.
 
     With `decode=True` the keys/values of the new tokens are written into a preallocated cache
-    (keys `[B, kv_heads, max_len, head_dim]`, values `[B, kv_heads, head_dim, max_len]`, sized by the
-    first `init`) at `cache_index`, and the query attends the whole cache; the caller's mask then has
+    (keys `[B, kv_heads, max_len, head_dim]`, values `[B, kv_heads, head_dim, max_len]`, without the
+    `B` axis at batch 1; sized by the first `init`) at `cache_index`, and the query attends the whole cache; the caller's mask then has
     `max_len` key columns.
     """
 
@@ -359,21 +359,31 @@ class Attention(nn.Module):
         # Stored head-major, keys as [B, kv_heads, len, head_dim] and values as [B, kv_heads, head_dim,
         # len]: the layouts in which the attention dots read them directly (the contracted axis
         # last), instead of a transposed copy of the whole cache in every decode step.
+        # At batch 1 the batch axis is left out: XLA drops size-1 axes from the dots' operands, and a
+        # stored cache that differs from the operand by that reshape made XLA:CPU update it out of place,
+        # copying every layer's whole cache several times per decode step.
         k_stored, v_stored = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
+        # Logical names let a mesh shard the cache like the activations (batch / kv heads).
+        k_axes = ("cache_batch", "cache_heads", "cache_sequence", "cache_head_dim")
+        v_axes = ("cache_batch", "cache_heads", "cache_head_dim", "cache_sequence")
+        single = k.shape[0] == 1
+        if single:
+            k_stored, v_stored, k_axes, v_axes = k_stored[0], v_stored[0], k_axes[1:], v_axes[1:]
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k_stored.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v_stored.shape, v.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if self.is_initializing():
             return k, v
-        # Logical names let a mesh shard the cache like the activations (batch / kv heads).
-        k_axes = ("cache_batch", "cache_heads", "cache_sequence", "cache_head_dim")
-        v_axes = ("cache_batch", "cache_heads", "cache_head_dim", "cache_sequence")
-        for cached, new, axes, start in ((cached_k, k_stored, k_axes, (0, 0, index.value, 0)),
-                                         (cached_v, v_stored, v_axes, (0, 0, 0, index.value))):
+        for cached, new, axes, sequence_axis in ((cached_k, k_stored, k_axes, -2), (cached_v, v_stored, v_axes, -1)):
+            start = [0] * new.ndim
+            start[sequence_axis] = index.value
             updated = lax.dynamic_update_slice(cached.value, new.astype(cached.value.dtype), start)
             cached.value = nn.with_logical_constraint(updated, axes)
         index.value = index.value + k.shape[1]
-        return cached_k.value.transpose(0, 2, 1, 3), cached_v.value.transpose(0, 3, 1, 2)
+        keys, values = cached_k.value, cached_v.value
+        if single:
+            keys, values = keys[None], values[None]
+        return keys.transpose(0, 2, 1, 3), values.transpose(0, 3, 1, 2)
 
 
 # -------------------------------------------------------------------------------------------- MLP
