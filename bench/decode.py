@@ -1,11 +1,13 @@
 """Decode benchmark: greedy generation with a KV cache, glm_jax.generate vs the official PyTorch `generate`.
 
-Both sides run the same random checkpoint (official Hugging Face layout, written once into
---work_dir) on the same prompts (random text ids, `[gMASK]`, `<sop>`), greedily, producing exactly
-`--new_tokens` tokens (no early stop: `stop_ids=()` here, `min_new_tokens` on the official side).
-The official side (`bench/reference_decode.py`) runs in its own environment
-(`bench/reference_env.sh`), with passive and spinning OpenMP workers in alternate rounds; without
-`--reference_code` only the JAX side runs and the output says so.
+Both sides run the same random fp16 checkpoint (official Hugging Face layout, written once into
+--work_dir; the official side computes on its float32 copy, the JAX side once per `--param_dtypes`
+entry: float32, or float16 storage holding the same values, float32 arithmetic either way) on the
+same prompts (random text ids, `[gMASK]`, `<sop>`), greedily, producing exactly `--new_tokens` tokens
+(no early stop: `stop_ids=()` here, `min_new_tokens` on the official side). The official side
+(`bench/reference_decode.py`) runs in its own environment (`bench/reference_env.sh`), with passive and
+spinning OpenMP workers in alternate rounds; without `--reference_code` only the JAX side runs and
+the output says so.
 
     python bench/decode.py --reference_code=DIR_WITH_OFFICIAL_PY_FILES
 
@@ -17,8 +19,8 @@ Reported per (model, batch):
 - end-to-end tok/s: `batch * N / T(N)`;
 - time to first token: the JAX streaming API's first token (prefill program + host read) and the
   official `generate(max_new_tokens=1)`;
-- roofline: bytes of weights read per decode step (all float32 params; the tied embedding is read
-  whole as the output layer) / step time, as a fraction of the memory read bandwidth measured in
+- roofline: bytes of weights read per decode step (all params as stored: float32 on the official
+  side, `--param_dtypes` on the JAX side; the tied embedding is read whole as the output layer) / step time, as a fraction of the memory read bandwidth measured in
   the same run (bench/common.py);
 - compile seconds of the JAX generate program, and whether both sides produced the same tokens.
 """
@@ -59,6 +61,10 @@ _ROUNDS = flags.DEFINE_integer(
     "rounds", 2, "Rounds of (official side, then the JAX side); the best time of each case over all rounds counts. "
     "The official side alternates its OpenMP wait policy between rounds (passive first).")
 _REFERENCE_THREADS = flags.DEFINE_integer("reference_threads", 2, "torch threads of the official side.")
+_PARAM_DTYPES = flags.DEFINE_list(
+    "param_dtypes", ["float32", "float16"],
+    "Storage dtypes of the JAX side's params, one row each; compute is float32 in all. The checkpoint is "
+    "fp16, so float16 storage holds the same weight values as the official side's float32 copy.")
 _SCAN_LAYERS = flags.DEFINE_boolean(
     "scan_layers", False, "Load the stacked (scanned) layer layout instead of the per-layer one generation uses.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random checkpoints and of the prompts.")
@@ -110,18 +116,24 @@ def time_to_first_token(model, params, prompt: list[int]) -> float:
 
 def bench_config(name: str, bandwidth: list[float], notes: list[str]) -> list[dict[str, Any]]:
     checkpoint = common.random_checkpoint(name, _WORK_DIR.value, _SEED.value)
-    model, params = load_pretrained(checkpoint, dtype="float32", scan_layers=_SCAN_LAYERS.value)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    variants = {dtype: load_pretrained(checkpoint, dtype="float32", param_dtype=dtype, scan_layers=_SCAN_LAYERS.value)
+                for dtype in _PARAM_DTYPES.value}
+    model = next(iter(variants.values()))[0]
+    weight_bytes = {dtype: sum(x.nbytes for x in jax.tree.leaves(params)) for dtype, (_, params) in variants.items()}
+    param_count = sum(x.size for x in jax.tree.leaves(next(iter(variants.values()))[1]))
     n, n2 = _NEW_TOKENS.value, _NEW_TOKENS.value // 2 + 1
     batches = [int(b) for b in _BATCH.value]
     inputs = {f"b{b}": prompts(model.config, b) for b in batches}
 
-    def jax_run(key: str, count: int):
+    def jax_run(dtype: str, key: str, count: int):
+        model, params = variants[dtype]
         return generate_with_stats(model, params, inputs[key].tolist(), max_new_tokens=count, stop_ids=())
 
-    compile_s = {key: jax_run(key, n).compile_seconds for key in inputs}  # compiles; N2 reuses the program
-    for key in inputs:
-        time_to_first_token(model, params, inputs[key][0].tolist())  # compiles the streaming prefill
+    # Compiles (N2 reuses the program), and the streaming prefill.
+    compile_s = {(dtype, key): jax_run(dtype, key, n).compile_seconds for dtype in variants for key in inputs}
+    for dtype in variants:
+        for key in inputs:
+            time_to_first_token(*variants[dtype], inputs[key][0].tolist())
     best: dict[tuple[str, str, int], float] = {}  # over all rounds
     in_round: dict[tuple[str, str, int, int], float] = {}  # best of each round
     tokens: dict[tuple[str, str], list] = {}
@@ -145,45 +157,54 @@ def bench_config(name: str, bandwidth: list[float], notes: list[str]) -> list[di
                     keep("official", run["name"], run["new_tokens"], run["best_s"])
                     if run["new_tokens"] == n:
                         tokens["official", run["name"]] = run["tokens"]
-            print(f"[{name}] round {round_index + 1}: JAX generate ...", flush=True)
-            for key in inputs:
-                for count in (n, n2):
+            for dtype in variants:
+                print(f"[{name}] round {round_index + 1}: JAX generate, {dtype} params ...", flush=True)
+                side = f"jax_{dtype}"
+                for key in inputs:
+                    for count in (n, n2):
+                        for _ in range(_REPEATS.value):
+                            out = jax_run(dtype, key, count)
+                            keep(side, key, count, out.run_seconds)
+                            if count == n:
+                                tokens[side, key] = out.sequences
                     for _ in range(_REPEATS.value):
-                        out = jax_run(key, count)
-                        keep("jax", key, count, out.run_seconds)
-                        if count == n:
-                            tokens["jax", key] = out.sequences
-                for _ in range(_REPEATS.value):
-                    keep("jax", key, 1, time_to_first_token(model, params, inputs[key][0].tolist()))
+                        keep(side, key, 1, time_to_first_token(*variants[dtype], inputs[key][0].tolist()))
         if _REFERENCE_CODE.value:
             notes.append(f"{name}: official side torch {reference['torch']}, transformers {reference['transformers']}, "
                          f"{reference['threads']} threads, peak RSS {reference['peak_rss_mb']:.0f} MiB.")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+    def step_seconds(side: str, key: str) -> float:
+        # T(N) - T(N2) of the same round (measured back to back), the best round: the difference of
+        # two bests taken from different rounds can pair a quiet T(N) with a disturbed T(N2).
+        return min((in_round[side, key, n, r] - in_round[side, key, n2, r]) / (n - n2) for r in range(_ROUNDS.value))
+
     rows = []
     for batch, key in zip(batches, inputs):
-        row = {"model": name, "params_M": round(weight_bytes / 4e6, 1), "batch": batch}
-        sides = ["jax", "official"] if _REFERENCE_CODE.value else ["jax"]
-        decode, e2e = {}, {}
-        for side in sides:
-            # T(N) - T(N2) of the same round (measured back to back), the best round: the difference of
-            # two bests taken from different rounds can pair a quiet T(N) with a disturbed T(N2).
-            step_s = min((in_round[side, key, n, r] - in_round[side, key, n2, r]) / (n - n2)
-                         for r in range(_ROUNDS.value))
-            decode[side] = batch / step_s
-            e2e[side] = batch * n / best[side, key, n]
-            row[f"{side}_decode_tok/s"] = round(decode[side], 1)
-            row[f"{side}_e2e_tok/s"] = round(e2e[side], 1)
-            row[f"{side}_TTFT_ms"] = round(1000 * best[side, key, 1])
-            row[f"{side}_roofline"] = f"{100 * weight_bytes / step_s / 1e9 / max(bandwidth):.0f}%"
-        if _REFERENCE_CODE.value:
-            row["decode_jax/official"] = round(decode["jax"] / decode["official"], 2)
-            row["e2e_jax/official"] = round(e2e["jax"] / e2e["official"], 2)
-            same = [a == b for a, b in zip(tokens["jax", key], tokens["official", key])]
-            row["same_tokens"] = f"{sum(same)}/{len(same)} rows"
-        row["compile_s"] = round(compile_s[key], 2)
-        rows.append(row)
+        for dtype in variants:
+            row = {"model": name, "params_M": round(param_count / 1e6, 1), "batch": batch, "jax_params": dtype}
+            sides = {"jax": f"jax_{dtype}"}
+            if _REFERENCE_CODE.value:
+                sides["official"] = "official"
+            decode, e2e = {}, {}
+            for column, side in sides.items():
+                step_s = step_seconds(side, key)
+                decode[column] = batch / step_s
+                e2e[column] = batch * n / best[side, key, n]
+                # The official side reads float32 weights; the JAX side the bytes of its params.
+                read = weight_bytes[dtype] if column == "jax" else 4 * param_count
+                row[f"{column}_decode_tok/s"] = round(decode[column], 1)
+                row[f"{column}_e2e_tok/s"] = round(e2e[column], 1)
+                row[f"{column}_TTFT_ms"] = round(1000 * best[side, key, 1])
+                row[f"{column}_roofline"] = f"{100 * read / step_s / 1e9 / max(bandwidth):.0f}%"
+            if _REFERENCE_CODE.value:
+                row["decode_jax/official"] = round(decode["jax"] / decode["official"], 2)
+                row["e2e_jax/official"] = round(e2e["jax"] / e2e["official"], 2)
+                same = [a == b for a, b in zip(tokens[sides["jax"], key], tokens["official", key])]
+                row["same_tokens"] = f"{sum(same)}/{len(same)} rows"
+            row["compile_s"] = round(compile_s[dtype, key], 2)
+            rows.append(row)
     return rows
 
 
@@ -202,14 +223,17 @@ def main(argv: list[str]) -> None:
         rows += bench_config(name, bandwidth, notes)
     n = _NEW_TOKENS.value
     notes = [
-        f"Greedy, float32 on both sides, prompt {_PROMPT_LEN.value} tokens, N = {n} new tokens; decode tok/s = "
+        f"Greedy, float32 arithmetic on both sides, prompt {_PROMPT_LEN.value} tokens, N = {n} new tokens; decode tok/s = "
         f"batch*(N-N2)/(T(N)-T(N2)) with N2 = {n // 2 + 1} (prefill and call overhead cancel; T(N) and T(N2) of the same "
         f"round, best round); e2e = batch*N/T(N); "
         "TTFT: JAX streaming API's first token vs official generate(max_new_tokens=1). Best time over "
         f"{_ROUNDS.value} round(s) x {_REPEATS.value} call(s) per side.",
-        f"roofline = float32 weight bytes per decode step / step time / memory read bandwidth "
+        f"roofline = weight bytes read per decode step (the JAX side's params as stored, float32 on the official "
+        f"side) / step time / memory read bandwidth "
         f"(best of the run: {max(bandwidth):.1f} GB/s; KV-cache reads not counted).",
-        f"JAX params in the {'stacked (scanned)' if _SCAN_LAYERS.value else 'per-layer (scan_layers=False)'} layout.",
+        f"JAX params in the {'stacked (scanned)' if _SCAN_LAYERS.value else 'per-layer (scan_layers=False)'} layout, "
+        "stored as jax_params; every matmul computes in float32 (float16 storage: the checkpoint's fp16 values, "
+        "widened in registers).",
         f"Official side's OpenMP wait policy by round: {', '.join(WAIT_POLICIES)}, alternating (its best round counts).",
         "same_tokens: rows whose N greedy tokens are identical on both sides (the official side cannot pick "
         "eos: min_new_tokens).",
@@ -225,7 +249,8 @@ def main(argv: list[str]) -> None:
         print("- " + note)
     if _RECORD.value:
         command = (f"python bench/decode.py --configs={','.join(_CONFIGS.value)} --batch={','.join(_BATCH.value)} "
-                   f"--new_tokens={n} --prompt_len={_PROMPT_LEN.value} --rounds={_ROUNDS.value} --repeats={_REPEATS.value}"
+                   f"--new_tokens={n} --prompt_len={_PROMPT_LEN.value} --rounds={_ROUNDS.value} --repeats={_REPEATS.value} "
+                   f"--param_dtypes={','.join(_PARAM_DTYPES.value)}"
                    + (" --reference_code=<official ChatGLM-6B code>" if _REFERENCE_CODE.value else ""))
         common.append_results("Decode (greedy generate, KV cache): JAX vs official PyTorch", command, rows, notes)
         print(f"appended to {os.path.relpath(common.RESULTS_FILE)}")

@@ -25,7 +25,8 @@ import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "quantized_matmul.cc")
 # FFI target name -> symbol in the library.
-_TARGETS = {"glm_jax_quantized_matmul": "QuantizedMatmul", "glm_jax_quantized_rows_matmul": "QuantizedRowsMatmul"}
+_TARGETS = {"glm_jax_quantized_matmul": "QuantizedMatmul", "glm_jax_quantized_rows_matmul": "QuantizedRowsMatmul",
+            "glm_jax_half_rows_matmul": "HalfRowsMatmul"}
 # Reassociation lets the compiler vectorise the row kernel's dot-product loops.
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math")
@@ -67,17 +68,18 @@ def _build(compiler: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def quantized_matmul_available() -> bool:
-    """Builds (once) and registers the INT8/INT4 matmul kernels; False, with a warning, if impossible."""
+    """Builds (once) and registers the INT8/INT4 and float16-weight matmul kernels; False, with a
+    warning, if impossible."""
     compiler = _compiler()
     if compiler is None:
-        warnings.warn("no C++ compiler found (set CXX): INT8/INT4 decoding on CPU uses the slower XLA path")
+        warnings.warn("no C++ compiler found (set CXX): INT8/INT4/float16 decoding on CPU uses the slower XLA path")
         return False
     try:
         library = ctypes.cdll.LoadLibrary(_build(compiler))
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError) as e:
-        warnings.warn(f"could not build the INT8/INT4 CPU kernel ({e}): decoding uses the slower XLA path")
+        warnings.warn(f"could not build the INT8/INT4/float16 CPU kernels ({e}): decoding uses the slower XLA path")
         return False
     return True
 
@@ -99,4 +101,12 @@ def quantized_rows_matmul(x: jax.Array, qweight: jax.Array, qscale: jax.Array, b
     return _call("glm_jax_quantized_rows_matmul", x, qweight, qscale, bits, qweight.shape[0])
 
 
-__all__ = ["cache_dir", "quantized_matmul", "quantized_matmul_available", "quantized_rows_matmul"]
+def half_rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [M, K] · w [N, K]ᵀ` for float16 `w`, float32 `[M, N]` with every product and sum in float32,
+    on CPU with the native kernel: `w` is read at 2 bytes per weight and widened in registers, where
+    XLA would write (or, in a loop, keep) a float32 copy of it first."""
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call("glm_jax_half_rows_matmul", out)(x.astype(jnp.float32), w)
+
+
+__all__ = ["cache_dir", "half_rows_matmul", "quantized_matmul", "quantized_matmul_available", "quantized_rows_matmul"]

@@ -96,7 +96,7 @@ def test_missing_or_wrong_tokenizer_files_are_named(tmp_path, sp_file):  # noqa:
 
 def flags_for(model_dir, **values):
     return types.SimpleNamespace(**dict(dict(model=str(model_dir), tokenizer=None, tokenizer_kind="auto",
-                                             dtype="float32", prefix=None), **values))
+                                             dtype="float32", param_dtype=None, prefix=None), **values))
 
 
 def test_cli_loading_picks_the_chatglm3_tokenizer_and_checks_it(glm3_dir, tmp_path, sp_file):  # noqa: F811

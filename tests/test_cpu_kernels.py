@@ -109,3 +109,24 @@ def test_quantized_output_layer_uses_the_rows_kernel_when_decoding(kernel_built,
     monkeypatch.setattr(q, "NATIVE_CPU_KERNEL", False)
     np.testing.assert_allclose(native, np.asarray(jax.jit(lambda a, b, c: head(a, b, c))(x, qweight, scale)),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, width", [(1, 2048), (3, 70), (16, 96)])
+def test_half_rows_kernel_matches_float64_reference(kernel_built, rows, width):
+    """float16 weights `[N, K]`, float32 inputs: the float64 product of the same values (widths that
+    are not multiples of the vector loop run its tail)."""
+    rng = np.random.default_rng(rows + width)
+    w = rng.standard_normal((33, width)).astype(np.float16)
+    x = rng.standard_normal((rows, width)).astype(np.float32)
+    got = jax.jit(cpu_kernels.half_rows_matmul)(x, w)
+    expected = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4 * np.sqrt(width))
+
+
+def test_half_rows_kernel_widens_every_float16_value_exactly(kernel_built):
+    """One weight per product with an input of 1: subnormals, signed zero, the largest half and
+    infinities come back as the float32 values NumPy widens them to."""
+    values = np.array([0.0, -0.0, 2.0**-24, -(2.0**-20), 6.1e-5, 1.5, -2.75, 65504.0, np.inf, -np.inf], np.float16)
+    w = values.reshape(-1, 1)
+    got = np.asarray(cpu_kernels.half_rows_matmul(jnp.ones((1, 1), jnp.float32), jnp.asarray(w)))
+    np.testing.assert_array_equal(got[0], values.astype(np.float32))

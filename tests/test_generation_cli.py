@@ -49,3 +49,12 @@ def test_generate_rejects_bad_input_clearly(chat_model_dir, tmp_path):  # noqa: 
         assert "Traceback" not in result.stderr
     missing = run_cli(f"--model={tmp_path / 'nothing'}", "--prompt=x", cache_dir=tmp_path)
     assert missing.returncode == 1 and "no such checkpoint directory" in missing.stderr
+
+
+def test_generate_keeps_params_in_the_requested_dtype(chat_model_dir, tmp_path):  # noqa: F811
+    """--param_dtype=float16 with float32 compute: the loaded params are float16 (the --verbose memory report)."""
+    result = run_cli(f"--model={chat_model_dir}", "--prompt=你好", "--max_new_tokens=2", "--param_dtype=float16",
+                     "--verbose", cache_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = [line for line in result.stderr.splitlines() if "float" in line and "param" in line.lower()]
+    assert report and all("float32" not in line for line in report) and any("float16" in line for line in report), report

@@ -5,6 +5,8 @@ where the scanned stack copies every layer's weights."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from glm_jax import GLMForCausalLM, generate, load_pretrained, preset
-from glm_jax.generation import PROGRAMS
+from glm_jax.generation import PROGRAMS, generate_with_stats
 from glm_jax.modeling.layer_stack import is_unstacked, model_for_params, stack_layers, unstack_layers
 from glm_jax.sharding import make_mesh
 from hlo_helpers import materialised_float_buffers
@@ -55,6 +57,45 @@ def test_per_layer_greedy_matches_official(per_layer6b, cases6b, case):
     prompts = [[int(t) for t in row if t != pad] for row in ids]
     expected = cases6b[f"{case}/gen_sequences"][:, ids.shape[1]:].tolist()
     assert generate(model, params, prompts, max_new_tokens=len(expected[0])) == expected
+
+
+def test_float16_params_decode_like_their_float32_copy(golden6b, per_layer6b, cases6b):
+    """The fp16 checkpoint kept in float16 with float32 compute (the CPU decode path reads it through the
+    native kernel): the official greedy tokens, and the logits of every step as the float32 params give."""
+    model16, params16 = load_pretrained(str(golden6b / "checkpoint"), param_dtype="float16", scan_layers=False)
+    assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype(jnp.float16)}
+    model, params = per_layer6b
+    ids, pad = cases6b["c_batch_leftpad/input_ids"], model.config.pad_token_id
+    prompts = [[int(t) for t in row if t != pad] for row in ids]
+    expected = cases6b["c_batch_leftpad/gen_sequences"][:, ids.shape[1]:].tolist()
+    out16 = generate_with_stats(model16, params16, prompts, max_new_tokens=len(expected[0]), keep_logits=True)
+    out32 = generate_with_stats(model, params, prompts, max_new_tokens=len(expected[0]), keep_logits=True)
+    assert out16.sequences == expected
+    for a, b in zip(out16.logits, out32.logits):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)  # float32 summation order only
+
+
+def test_float16_weight_dot_gradients_match_xla():
+    """The float16-weight kernel's custom backward pass against JAX's own on the same values."""
+    from glm_jax.modeling.accumulating_dot import accumulating_dot
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 1, 40)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float16)
+    g = jnp.asarray(rng.standard_normal((2, 1, 24)), jnp.float32)
+
+    def loss(dot, x, w):
+        return jnp.sum(dot(x, w) * g)
+
+    def native_dot(x, w):
+        return accumulating_dot(x, w, ((2,), (1,)), jnp.float32)
+
+    assert "glm_jax_half_rows_matmul" in jax.jit(native_dot).lower(x, w).as_text()
+    native = jax.grad(functools.partial(loss, native_dot), (0, 1))
+    plain = jax.grad(functools.partial(loss, lambda x, w: jnp.einsum("blk,nk->bln", x, w.astype(jnp.float32))), (0, 1))
+    for got, want in zip(native(x, w), plain(x, w)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-3, atol=2e-3)
 
 
 def test_per_layer_ptuning_prefix_matches_official(golden6b, cases6b):

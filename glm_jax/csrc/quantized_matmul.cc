@@ -1,9 +1,11 @@
-// Weight-only INT8 / INT4 matmuls for XLA:CPU, called through the XLA FFI (glm_jax.cpu_kernels).
+// Weight-only INT8 / INT4 / float16 matmuls for XLA:CPU, called through the XLA FFI (glm_jax.cpu_kernels).
 //
 // QuantizedMatmul:     y[m, n] = (sum_j x[m, j] * q[j, n]) * scale[n], q in glm_jax's kernel layout
 //                      [in * bits / 8, out] (a Linear's `qkernel`).
 // QuantizedRowsMatmul: y[m, n] = (sum_j x[m, j] * q[n, j]) * scale[n], q in the official layout
 //                      [out, in * bits / 8] (the quantized embedding used as the output layer).
+// HalfRowsMatmul:      y[m, n] = sum_j x[m, j] * w[n, j], float16 w [out, in] (output-major kernels,
+//                      the embedding), every product and sum in float32.
 // INT4 packs inputs 2j (high nibble) and 2j + 1 (low nibble) into byte j of a row.
 //
 // Why native code: XLA:CPU's dots take float operands only, so any XLA formulation either writes a
@@ -13,12 +15,18 @@
 // only for the chunks, never for pool tasks to start, so a busy pool cannot deadlock it.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
+
+#if defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -173,6 +181,59 @@ ffi::Error QuantizedRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   return ffi::Error::Success();
 }
 
+// IEEE half -> float (exact), for the tails and for hosts without F16C.
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+    return sign ? -magnitude : magnitude;
+  }
+  const uint32_t bits = sign | (exponent == 0x1fu ? 0x7f800000u : (exponent + 112) << 23) | (mantissa << 13);
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// sum_j x[j] * w[j] over one float16 weight row: the row is read at 2 bytes per weight and widened
+// in registers, four independent accumulators keep enough loads in flight to stream it.
+float HalfRowDot(const float* x, const uint16_t* w, int64_t k) {
+  float sum = 0.0f;
+  int64_t j = 0;
+#if defined(__F16C__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; j + 32 <= k; j += 32) {
+    const __m128i* h = reinterpret_cast<const __m128i*>(w + j);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_cvtph_ps(_mm_loadu_si128(h)), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_cvtph_ps(_mm_loadu_si128(h + 1)), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 16), _mm256_cvtph_ps(_mm_loadu_si128(h + 2)), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 24), _mm256_cvtph_ps(_mm_loadu_si128(h + 3)), a3);
+  }
+  const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  sum = _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+#endif
+  for (; j < k; ++j) sum += x[j] * HalfToFloat(w[j]);
+  return sum;
+}
+
+ffi::Error HalfRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F16> w,
+                              ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("x and w must be 2-D");
+  const int64_t m = xd[0], k = xd[1], n = wd[0];
+  if (wd[1] != k) return ffi::Error::InvalidArgument("x width does not match w");
+  const float* xs = x.typed_data();
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* out = y->typed_data();
+  const int64_t rows = 64;
+  ParallelChunks(pool, PoolThreads(pool), (n + rows - 1) / rows, [&](int64_t chunk, int64_t) {
+    for (int64_t o = chunk * rows; o < std::min((chunk + 1) * rows, n); ++o)
+      for (int64_t r = 0; r < m; ++r) out[r * n + o] = HalfRowDot(xs + r * k, ws + o * k, k);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define GLM_QUANTIZED_BINDING                                                                          \
@@ -181,3 +242,6 @@ ffi::Error QuantizedRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantizedMatmul, QuantizedMatmulImpl, GLM_QUANTIZED_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantizedRowsMatmul, QuantizedRowsMatmulImpl, GLM_QUANTIZED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HalfRowsMatmul, HalfRowsMatmulImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>().Ret<ffi::Buffer<ffi::F32>>());

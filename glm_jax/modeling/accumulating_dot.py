@@ -16,6 +16,11 @@ step then run on the bf16 kernels, about twice the float32 rate of this kind of 
 
 Other backends, float16 (no half-precision kernel on CPU), float32 and multi-device meshes (where
 the flattened transpose would defeat the sharding) use the plain dot and JAX's backward pass.
+
+float16 weights with float32 compute (an fp16 checkpoint kept as stored, computed exactly like its
+float32 copy) decode through a native kernel on CPU: XLA hoists the float32 conversion of every
+weight out of the decode loop, so the loop would read float32 copies; the kernel reads 2 bytes per
+weight and widens them in registers (`glm_jax.cpu_kernels.half_rows_matmul`).
 """
 
 from __future__ import annotations
@@ -27,14 +32,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from glm_jax import cpu_kernels
+
 Array = jax.Array
 Contract = tuple[tuple[int, ...], tuple[int, ...]]
+
+# Token rows up to which float16 weights with float32 compute take the native kernel on CPU: decoding,
+# and short prefills, where it still beats converting every weight to float32 first; more rows
+# (long prompts, training) are compute-bound and stay on XLA's matmul.
+HALF_ROWS_MAX_TOKENS = 64
 
 
 def accumulating_dot(x: Array, w: Array, contract: Contract, dtype: jnp.dtype) -> Array:
     """`dot_general(x, w, contract)` (no batch axes) of both operands rounded to `dtype`, with float32
     accumulation and result. Gradients come back in the dtypes of `x` and `w`."""
     x_contract, w_contract = (tuple(axes) for axes in contract)
+    if _half_rows_apply(x, w, x_contract, w_contract, dtype):
+        return _half_rows_dot(x, w)
     if _bf16_backward_applies(x, w, x_contract, w_contract, dtype):
         return _bf16_dot(x, w, len(x_contract), w_contract[0] == 0)
     return lax.dot_general(x.astype(dtype), w.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32)
@@ -56,6 +70,37 @@ def _bf16_backward_applies(x: Array, w: Array, x_contract: tuple[int, ...], w_co
     n = len(x_contract)
     trailing_x = x_contract == tuple(range(x.ndim - n, x.ndim))
     return trailing_x and w_contract in (tuple(range(n)), tuple(range(w.ndim - n, w.ndim)))
+
+
+def _half_rows_apply(x: Array, w: Array, x_contract: tuple[int, ...], w_contract: tuple[int, ...],
+                     dtype: jnp.dtype) -> bool:
+    """float16 weights `[N, K]` (output-major kernels, the tied table) with float32 compute, at most
+    `HALF_ROWS_MAX_TOKENS` token rows, one CPU device, and the native kernel built."""
+    return (w.dtype == jnp.float16 and jnp.dtype(dtype) == jnp.float32 and w.ndim == 2
+            and x_contract == (x.ndim - 1,) and w_contract == (1,) and math.prod(x.shape[:-1]) <= HALF_ROWS_MAX_TOKENS
+            and jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().size <= 1
+            and cpu_kernels.quantized_matmul_available())
+
+
+@jax.custom_vjp
+def _half_rows_dot(x: Array, w: Array) -> Array:
+    y = cpu_kernels.half_rows_matmul(x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _half_rows_dot_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _half_rows_dot(x, w), (x, w)
+
+
+def _half_rows_dot_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    x, w = residuals
+    x2, g2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32), g.reshape(-1, w.shape[0]).astype(jnp.float32)
+    dx = _dot(g2, w.astype(jnp.float32), 1, 0).reshape(x.shape).astype(x.dtype)
+    dw = _dot(g2, x2, 0, 0).astype(w.dtype)  # gᵀ · x: [N, K]
+    return dx, dw
+
+
+_half_rows_dot.defvjp(_half_rows_dot_fwd, _half_rows_dot_bwd)
 
 
 def _materialized_transpose(a: Array) -> Array:

@@ -96,12 +96,14 @@ class GLMForCausalLM(nn.Module):
         if cfg.quantize_embeddings:
             embed = QuantizedEmbed(cfg, name="word_embeddings")
         else:
+            # Looked up in the param dtype, the rows then converted: nn.Embed would convert the whole
+            # table to the compute dtype first (every decode step, for float16 params).
             embed = nn.Embed(
-                cfg.vocab_size, cfg.hidden_size, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+                cfg.vocab_size, cfg.hidden_size, dtype=as_dtype(cfg.param_dtype), param_dtype=as_dtype(cfg.param_dtype),
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                 name="word_embeddings",
             )
-        x = embed(input_ids)
+        x = embed(input_ids).astype(as_dtype(cfg.dtype))
         if cfg.position_embedding == "learned_2d":
             x = x + self._learned_position_embeddings(position_ids)
         prefix_kv = PrefixEncoder(cfg, name="prefix_encoder")(batch, deterministic) if cfg.pre_seq_len else None
