@@ -3,7 +3,7 @@
 Why compile at run time: the kernel is a few dozen lines of C++ that must match the installed
 jaxlib's FFI headers and should use the host's vector instructions (`-march=native`); building it
 where it runs needs only a C++ compiler, and the result is cached per source / jaxlib / compiler.
-Without a compiler (or if the build fails) `quantized_matmul_available()` is False, a warning says
+Without a compiler (or if the build fails) `native_kernels_available()` is False, a warning says
 why once, and callers keep their pure-XLA path, so nothing breaks.
 """
 
@@ -67,7 +67,7 @@ def _build(compiler: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def quantized_matmul_available() -> bool:
+def native_kernels_available() -> bool:
     """Builds (once) and registers the INT8/INT4 and float16-weight matmul kernels; False, with a
     warning, if impossible."""
     compiler = _compiler()
@@ -91,7 +91,7 @@ def _call(target: str, x: jax.Array, q: jax.Array, scale: jax.Array, bits: int, 
 
 def quantized_matmul(x: jax.Array, qkernel: jax.Array, qscale: jax.Array, bits: int) -> jax.Array:
     """`x [M, K] · dequantize(qkernel [K * bits / 8, N], per-column qscale [N])`, float32 `[M, N]`,
-    on CPU with the native kernel (check `quantized_matmul_available()` first)."""
+    on CPU with the native kernel (check `native_kernels_available()` first)."""
     return _call("glm_jax_quantized_matmul", x, qkernel, qscale, bits, qkernel.shape[1])
 
 
@@ -109,4 +109,4 @@ def half_rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call("glm_jax_half_rows_matmul", out)(x.astype(jnp.float32), w)
 
 
-__all__ = ["cache_dir", "half_rows_matmul", "quantized_matmul", "quantized_matmul_available", "quantized_rows_matmul"]
+__all__ = ["cache_dir", "half_rows_matmul", "native_kernels_available", "quantized_matmul", "quantized_rows_matmul"]

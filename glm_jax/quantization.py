@@ -193,7 +193,7 @@ def quantized_dot(
     """
     rows = math.prod(x.shape[:x.ndim - in_dims])
     if rows <= TILED_MAX_ROWS and jax.default_backend() == "cpu":
-        if NATIVE_CPU_KERNEL and qscale.ndim != qkernel.ndim and cpu_kernels.quantized_matmul_available():
+        if NATIVE_CPU_KERNEL and qscale.ndim != qkernel.ndim and cpu_kernels.native_kernels_available():
             lead, out_shape = x.shape[:x.ndim - in_dims], qkernel.shape[in_dims:]
             y = cpu_kernels.quantized_matmul(
                 x.astype(dtype).reshape(rows, -1), qkernel.reshape(-1, math.prod(out_shape)),
@@ -274,7 +274,7 @@ def quantized_dot_rows(x: jax.Array, qweight: jax.Array, qscale: jax.Array, bits
                                 preferred_element_type=jnp.float32)
         return y * qscale.astype(jnp.float32)
     lead = x.shape[:-1]
-    if math.prod(lead) <= TILED_MAX_ROWS and NATIVE_CPU_KERNEL and cpu_kernels.quantized_matmul_available():
+    if math.prod(lead) <= TILED_MAX_ROWS and NATIVE_CPU_KERNEL and cpu_kernels.native_kernels_available():
         y = cpu_kernels.quantized_rows_matmul(x.astype(dtype).reshape(-1, x.shape[-1]), qweight, qscale, bits)
         return y.reshape(*lead, qweight.shape[0])
     rows, width = qweight.shape

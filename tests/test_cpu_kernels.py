@@ -32,7 +32,7 @@ def reference(x: np.ndarray, kernel_q: np.ndarray, scale: np.ndarray, bits: int,
 
 @pytest.fixture(scope="module")
 def kernel_built():
-    assert cpu_kernels.quantized_matmul_available(), "the test machine has a C++ compiler: the kernel must build"
+    assert cpu_kernels.native_kernels_available(), "the test machine has a C++ compiler: the kernel must build"
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -70,7 +70,7 @@ def test_quantized_dot_uses_the_kernel_on_the_decode_path(kernel_built, bits, mo
 def test_without_a_compiler_the_kernel_is_unavailable_with_a_warning(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-        assert cpu_kernels.quantized_matmul_available.__wrapped__() is False
+        assert cpu_kernels.native_kernels_available.__wrapped__() is False
 
 
 def test_a_failed_build_warns_and_leaves_nothing_behind(monkeypatch, tmp_path):
@@ -78,7 +78,7 @@ def test_a_failed_build_warns_and_leaves_nothing_behind(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_SOURCE", str(tmp_path / "missing.cc"))
     (tmp_path / "missing.cc").write_text("this is not C++\n")
     with pytest.warns(UserWarning, match="could not build"):
-        assert cpu_kernels.quantized_matmul_available.__wrapped__() is False
+        assert cpu_kernels.native_kernels_available.__wrapped__() is False
     assert [p.name for p in tmp_path.iterdir()] == ["missing.cc"]  # no half-written library
 
 

@@ -79,7 +79,7 @@ def _half_rows_apply(x: Array, w: Array, x_contract: tuple[int, ...], w_contract
     return (w.dtype == jnp.float16 and jnp.dtype(dtype) == jnp.float32 and w.ndim == 2
             and x_contract == (x.ndim - 1,) and w_contract == (1,) and math.prod(x.shape[:-1]) <= HALF_ROWS_MAX_TOKENS
             and jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().size <= 1
-            and cpu_kernels.quantized_matmul_available())
+            and cpu_kernels.native_kernels_available())
 
 
 @jax.custom_vjp
